@@ -1,0 +1,68 @@
+"""The ``simclr`` console command: a thin dispatcher to each stage's own ``main(argv)``.
+
+Subcommand modules are imported lazily so that ``simclr serve`` works in an image without torch.
+Exit codes: 0 success, 1 runtime failure (one line on stderr), 2 bad usage (argparse).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+from simclr_embed import __version__
+from simclr_embed.errors import SimclrError
+
+# subcommand -> (module with `main(argv) -> int`, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("training.cli", "train SimCLR on a folder of images (torchrun-ready)"),
+    "export-onnx": ("export.cli", "export a checkpoint to a self-contained ONNX model"),
+    "serve": ("server.cli", "serve an ONNX model over gRPC with dynamic batching"),
+    "embed": ("server.embed_cli", "embed image files/folders through a running server"),
+    "evaluate": ("evaluation.cli", "kNN + linear probe of frozen features on labeled folders"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: simclr <command> [options]", "", "commands:"]
+    lines += [f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run 'simclr <command> --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def run_main(fn: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """Run a stage's ``main``, mapping ``SimclrError`` to exit 1 with a one-line message."""
+    try:
+        return fn(argv)
+    except SimclrError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if args else 2
+    if args[0] == "--version":
+        print(f"simclr-embed {__version__}")
+        return 0
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        print(f"simclr: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name = COMMANDS[name][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:  # an extra is not installed (e.g. `train` in the serve image)
+        print(f"error: 'simclr {name}' needs a missing package ({exc.name}); "
+              f"install simclr-embed[all]", file=sys.stderr)
+        return 1
+    return run_main(module.main, rest)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""SimCLR training: model, NT-Xent loss, augmentations, LARS, DDP via torchrun."""

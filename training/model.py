@@ -1,0 +1,82 @@
+"""SimCLR model: a torchvision ResNet trunk (fc removed) plus a projection head.
+
+``forward_features`` gives the pooled backbone output h ``[N, F]`` (what downstream tasks use),
+``forward_head`` maps it to the projection z ``[N, P]`` (the space the loss is computed in).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+           "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
+           "wide_resnet50_2", "wide_resnet101_2")
+
+
+def default_stem(image_size: int) -> str:
+    """The SimCLR paper's CIFAR stem (3×3 conv, stride 1, no max-pool) for images ≤ 64 px."""
+    return "small" if image_size <= 64 else "standard"
+
+
+class SimCLRModel(nn.Module):
+    def __init__(self, arch: str = "resnet50", stem: str = "standard", proj_dim: int = 128) -> None:
+        super().__init__()
+        if arch not in RESNETS:
+            raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(RESNETS)}")
+        if stem not in ("small", "standard"):
+            raise ValueError(f"stem must be 'small' or 'standard', got {stem!r}")
+        # weights=None: never download; a local state_dict can be loaded with load_init_weights.
+        backbone = getattr(torchvision.models, arch)(weights=None)
+        if stem == "small":
+            backbone.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            backbone.maxpool = nn.Identity()
+        feature_dim: int = backbone.fc.in_features  # 512 for resnet18/34, 2048 for resnet50+
+        backbone.fc = nn.Identity()
+        self.backbone = backbone
+        # Linear → BN → ReLU → Linear (SimCLR v2's head; the bias before BN is redundant).
+        self.projector = nn.Sequential(
+            nn.Linear(feature_dim, feature_dim, bias=False),
+            nn.BatchNorm1d(feature_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(feature_dim, proj_dim),
+        )
+        self.arch, self.stem = arch, stem
+        self.feature_dim, self.proj_dim = feature_dim, proj_dim
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, 3, S, S] normalized float → [N, F]; flatten, never squeeze, so N=1 works."""
+        return torch.flatten(self.backbone(x), 1)
+
+    def forward_head(self, h: torch.Tensor) -> torch.Tensor:
+        """[N, F] → [N, P] (not normalized)."""
+        return self.projector(h)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.forward_features(x)
+        return h, self.forward_head(h)
+
+
+def build_model(cfg: Mapping[str, Any]) -> SimCLRModel:
+    """Build from a (resolved) config mapping with keys ``arch``, ``stem``, ``image_size``, ``proj_dim``."""
+    stem = cfg.get("stem") or default_stem(int(cfg["image_size"]))
+    return SimCLRModel(arch=cfg["arch"], stem=stem, proj_dim=int(cfg["proj_dim"]))
+
+
+def load_init_weights(model: SimCLRModel, path: str | Path) -> tuple[list[str], list[str]]:
+    """Load a local backbone state_dict (e.g. torchvision's ``resnet50-*.pth``) into the trunk.
+
+    The classifier (``fc.*``) is dropped; returns (missing, unexpected) keys.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = {k.removeprefix("backbone."): v for k, v in state["model"].items()
+                 if k.startswith("backbone.")}
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    result = model.backbone.load_state_dict(state, strict=False)
+    return list(result.missing_keys), list(result.unexpected_keys)
