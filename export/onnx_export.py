@@ -1,0 +1,251 @@
+"""Checkpoint → self-contained ONNX model: preprocessing wrapper, export, metadata, atomic write.
+
+The graph takes what any client has, uint8 RGB pixels ``images [N, S, S, 3]``, and does the rest
+(cast, /255, mean/std, NHWC→NCHW, backbone, head), so no runtime needs this code base.
+
+Exporter choice (torch 2.14): ``dynamo=True`` (torch.export + onnxscript) is the default. It
+keeps the batch axis symbolic when traced with N=2 and a ``Dim`` (N=1 would be specialised away),
+its optimizer folds the graph to fewer nodes, and the TorchScript exporter is deprecated. The
+TorchScript path stays available (``exporter="torchscript"``) as a fallback; both pass the same
+parity checks (see tests/export).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from simclr_embed.errors import SimclrError
+from simclr_embed.fileio import atomic_path
+from simclr_embed.imageio import IMAGENET_MEAN, IMAGENET_STD, resize_policy_for
+from training.checkpoint import load_checkpoint
+from training.model import SimCLRModel, build_model
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("features", "projection")
+MIN_OPSET = 17
+EXPORTERS = ("dynamo", "torchscript")
+META_PREFIX = "simclr."
+
+
+class ImageEncoder(nn.Module):
+    """uint8 ``[N, S, S, 3]`` RGB → (features ``[N, F]``, projection ``[N, P]``), both float32.
+
+    With ``half=True`` the network runs in float16 while the boundary stays uint8 in / float32
+    out; normalization is done in float32 first so the uint8 → [-2.1, 2.6] step loses nothing.
+    """
+
+    def __init__(
+        self, model: SimCLRModel, mean: Sequence[float], std: Sequence[float], half: bool = False
+    ) -> None:
+        super().__init__()
+        self.model = model.half() if half else model
+        self.half = half
+        self.mean_values, self.std_values = [float(v) for v in mean], [float(v) for v in std]
+        # [1, 1, 1, 3]: broadcasts over NHWC before the transpose.
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 1, 1, 3))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 1, 1, 3))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = (images.float() / 255.0 - self.mean) / self.std  # [N, S, S, 3] float32
+        x = x.permute(0, 3, 1, 2)  # [N, 3, S, S]
+        if self.half:
+            x = x.half()
+        h = self.model.forward_features(x)  # [N, F]
+        z = self.model.forward_head(h)  # [N, P]
+        return h.float(), z.float()
+
+
+def load_encoder(
+    checkpoint: str | Path, *, half: bool = False
+) -> tuple[ImageEncoder, dict[str, Any]]:
+    """Rebuild the eval-mode wrapper from a checkpoint; returns (encoder, checkpoint dict)."""
+    ckpt = load_checkpoint(checkpoint)
+    cfg = ckpt["config"]
+    if not isinstance(cfg, dict) or not {"arch", "image_size", "proj_dim"} <= cfg.keys():
+        raise SimclrError(
+            f"checkpoint {checkpoint} has no usable config (needs arch, image_size, proj_dim)"
+        )
+    try:
+        model = build_model(cfg)
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SimclrError(f"checkpoint {checkpoint} does not match its config: {first}") from exc
+    mean = [float(v) for v in (cfg.get("mean") or IMAGENET_MEAN)]
+    std = [float(v) for v in (cfg.get("std") or IMAGENET_STD)]
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise SimclrError(f"checkpoint {checkpoint}: mean/std must be 3 values (std > 0)")
+    model.eval()  # BatchNorm → running statistics: an image's output does not depend on its batch
+    return ImageEncoder(model, mean, std, half=half).eval(), ckpt
+
+
+def export_encoder(
+    encoder: ImageEncoder, image_size: int, *, opset: int = 18, exporter: str = "dynamo"
+) -> onnx.ModelProto:
+    """Trace ``encoder`` to an ONNX model with a dynamic batch axis (weights inside the proto)."""
+    if opset < MIN_OPSET:
+        raise SimclrError(f"opset {opset} is too old; use {MIN_OPSET} or newer")
+    if exporter not in EXPORTERS:
+        raise SimclrError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
+    # N=2, not 1: torch.export specialises size-1 dims, which would freeze the batch at 1.
+    example = torch.zeros(2, image_size, image_size, 3, dtype=torch.uint8)
+    names = {
+        "input_names": [INPUT_NAME],
+        "output_names": list(OUTPUT_NAMES),
+        "opset_version": opset,
+    }
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter(
+            "ignore"
+        )  # exporter deprecation/tracer chatter; parity is checked instead
+        try:
+            if exporter == "dynamo":
+                batch = torch.export.Dim("N", min=1, max=65536)
+                program = torch.onnx.export(
+                    encoder,
+                    (example,),
+                    dynamo=True,
+                    external_data=False,
+                    verbose=False,
+                    dynamic_shapes={"images": {0: batch}},
+                    **names,
+                )
+                assert program is not None
+                proto = program.model_proto
+            else:
+                buf = io.BytesIO()
+                axes = {name: {0: "N"} for name in (INPUT_NAME, *OUTPUT_NAMES)}
+                torch.onnx.export(
+                    encoder, (example,), buf, dynamo=False, dynamic_axes=axes, **names
+                )
+                proto = onnx.load_from_string(buf.getvalue())
+        except SimclrError:
+            raise
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SimclrError(f"ONNX export ({exporter}) failed: {first}") from exc
+    # Name the batch axis the same way whichever exporter ran: "N" on input and outputs.
+    for value in (*proto.graph.input, *proto.graph.output):
+        dim0 = value.type.tensor_type.shape.dim[0]
+        dim0.dim_param = "N"
+    return proto
+
+
+def weights_version(proto: onnx.ModelProto) -> str:
+    """Content hash of every weight in the graph (initializers + Constant tensors), 16 hex chars.
+
+    Same weights → same version, whatever the file's other bytes (producer, metadata). Names are
+    included so that two tensors swapping places changes the version.
+    """
+    h = hashlib.sha256()
+
+    def add(name: str, tensor: onnx.TensorProto) -> None:
+        arr = numpy_helper.to_array(tensor)
+        h.update(f"{name}|{arr.dtype.str}|{arr.shape}|".encode())
+        h.update(arr.tobytes())
+
+    for init in sorted(proto.graph.initializer, key=lambda t: t.name):
+        add(init.name, init)
+    for node in proto.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    add(f"{node.output[0]}:{attr.name}", attr.t)
+    return h.hexdigest()[:16]
+
+
+def build_metadata(ckpt: dict[str, Any], encoder: ImageEncoder, precision: str) -> dict[str, str]:
+    """The CONTRACT §3 ``simclr.*`` keys (all but model_version, which needs the final graph)."""
+    cfg = ckpt["config"]
+    size = int(cfg["image_size"])
+    model = encoder.model
+    return {
+        "simclr.arch": str(cfg["arch"]),
+        "simclr.image_size": str(size),
+        # repr of the config's Python floats: "0.485,0.456,0.406", parseable with float().
+        "simclr.mean": ",".join(repr(v) for v in encoder.mean_values),
+        "simclr.std": ",".join(repr(v) for v in encoder.std_values),
+        "simclr.resize": resize_policy_for(size),
+        "simclr.feature_dim": str(model.feature_dim),
+        "simclr.projection_dim": str(model.proj_dim),
+        "simclr.train_step": str(int(ckpt["step"])),
+        "simclr.stem": str(model.stem),
+        "simclr.precision": precision,
+    }
+
+
+def set_metadata(proto: onnx.ModelProto, meta: dict[str, str]) -> onnx.ModelProto:
+    """Replace the ``simclr.*`` metadata with ``meta`` and stamp ``simclr.model_version``."""
+    keep = [(p.key, p.value) for p in proto.metadata_props if not p.key.startswith(META_PREFIX)]
+    del proto.metadata_props[:]
+    full = {**meta, "simclr.model_version": weights_version(proto)}
+    for key, value in [*keep, *sorted(full.items())]:
+        proto.metadata_props.add(key=key, value=value)
+    return proto
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """``metadata_props`` of an ONNX file as a dict (weights not loaded)."""
+    proto = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def export_checkpoint(
+    checkpoint: str | Path,
+    output: str | Path,
+    *,
+    opset: int = 18,
+    fp16: bool = False,
+    verify: bool = True,
+    exporter: str = "dynamo",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Export ``checkpoint`` to ``output`` (written atomically), verifying it unless told not to.
+
+    Returns a report: ``output``, ``metadata`` (all ``simclr.*`` keys), ``exporter``, ``opset``,
+    and with ``verify`` the parity numbers under ``parity`` (see ``export.verify``). On a failed
+    check nothing is written at ``output`` and ``SimclrError`` is raised.
+    """
+    encoder, ckpt = load_encoder(checkpoint, half=fp16)
+    size = int(ckpt["config"]["image_size"])
+    log.info(
+        "exporting %s (%s, %d px, step %s) with the %s exporter, opset %d%s",
+        checkpoint,
+        ckpt["config"]["arch"],
+        size,
+        ckpt["step"],
+        exporter,
+        opset,
+        ", fp16" if fp16 else "",
+    )
+    proto = export_encoder(encoder, size, opset=opset, exporter=exporter)
+    meta = build_metadata(ckpt, encoder, "fp16" if fp16 else "fp32")
+    set_metadata(proto, meta)
+    report: dict[str, Any] = {
+        "output": str(output),
+        "exporter": exporter,
+        "opset": opset,
+        "metadata": {p.key: p.value for p in proto.metadata_props if p.key.startswith(META_PREFIX)},
+    }
+    with atomic_path(output) as tmp:
+        onnx.save_model(proto, str(tmp))
+        if verify:
+            from export.verify import verify_export  # onnxruntime only when checking
+
+            reference = encoder if not fp16 else load_encoder(checkpoint)[0]
+            report["parity"] = verify_export(tmp, reference, size, fp16=fp16, seed=seed)
+    report["bytes"] = Path(output).stat().st_size
+    return report
