@@ -1,0 +1,205 @@
+"""Frozen backbone features of image files, from an ONNX model, a checkpoint, or raw pixels.
+
+One definition of "an image in" for every model kind: ``open_image`` → ``apply_resize(img, S,
+policy)`` → uint8 ``[S, S, 3]`` (``load_uint8``). The ONNX graph takes those bytes as they are
+(it casts, scales and normalizes inside); the checkpoint path normalizes with the config's
+mean/std exactly as the exported graph does, so both give the same features (~1e-5).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from simclr_embed.errors import SimclrError
+from simclr_embed.imageio import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    apply_resize,
+    open_image,
+    resize_policy_for,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Embedder(Protocol):
+    """Maps a uint8 ``[N, S, S, 3]`` batch to float32 features ``[N, F]``."""
+
+    image_size: int
+    resize: str
+    description: str
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+def _needed_side(size: int, policy: str) -> int:
+    """Shorter side the resize policy scales to: JPEG may be DCT-decoded down to it."""
+    kind, _, arg = policy.partition(":")
+    return round(size / float(arg)) if kind == "shorter-side-crop" and arg else size
+
+
+def load_uint8(path: str | os.PathLike[str], size: int, policy: str) -> np.ndarray:
+    """One image file → uint8 ``[S, S, 3]`` (RGB); ``SimclrError`` naming the file if unreadable."""
+    try:
+        img = open_image(path, draft_size=_needed_side(size, policy))
+        return np.asarray(apply_resize(img, size, policy), dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three on bad data
+        raise SimclrError(f"cannot read image {path}: {exc}") from exc
+
+
+def normalize_uint8(
+    batch: torch.Tensor, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """uint8 ``[N, S, S, 3]`` → normalized float ``[N, 3, S, S]`` (what the ONNX graph does)."""
+    x = batch.permute(0, 3, 1, 2).float().div_(255.0)  # [N, 3, S, S] in [0, 1]
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+class OnnxEmbedder:
+    """An exported model through ONNX Runtime (output ``features``)."""
+
+    def __init__(self, path: Path, device: str = "auto") -> None:
+        import onnxruntime as ort
+
+        if not path.is_file():
+            raise SimclrError(f"model not found: {path}")
+        providers = ["CPUExecutionProvider"]
+        if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
+            if hasattr(ort, "preload_dlls"):
+                try:
+                    ort.preload_dlls()
+                except Exception as exc:  # a missing CUDA library: ORT falls back to CPU
+                    log.debug("onnxruntime.preload_dlls failed: %s", exc)
+            providers.insert(0, "CUDAExecutionProvider")
+        try:
+            self.session = ort.InferenceSession(str(path), providers=providers)
+        except Exception as exc:
+            raise SimclrError(f"cannot load ONNX model {path}: {str(exc).splitlines()[0]}") from exc
+        in_use = self.session.get_providers()  # the truth, unlike get_available_providers()
+        if device == "cuda" and "CUDAExecutionProvider" not in in_use:
+            raise SimclrError(f"--device cuda: ONNX Runtime runs on {', '.join(in_use)} only")
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if "simclr.image_size" not in meta:
+            raise SimclrError(
+                f"{path} has no 'simclr.image_size' metadata; export it with 'simclr export-onnx'"
+            )
+        outputs = [o.name for o in self.session.get_outputs()]
+        if "features" not in outputs:
+            raise SimclrError(f"{path} has no 'features' output (outputs: {', '.join(outputs)})")
+        self.image_size = int(meta["simclr.image_size"])
+        self.resize = meta.get("simclr.resize") or resize_policy_for(self.image_size)
+        self.input_name = self.session.get_inputs()[0].name
+        self.description = (
+            f"{path.name} (ONNX, {meta.get('simclr.arch', '?')}, "
+            f"{self.image_size} px, {', '.join(in_use)})"
+        )
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        (out,) = self.session.run(["features"], {self.input_name: batch})
+        return np.asarray(out, dtype=np.float32)  # [N, F]
+
+
+class TorchEmbedder:
+    """A training checkpoint through PyTorch (``forward_features`` in eval mode)."""
+
+    def __init__(self, path: Path, device: torch.device) -> None:
+        from training.checkpoint import load_checkpoint
+        from training.model import build_model
+
+        ckpt = load_checkpoint(path)
+        cfg = ckpt["config"]
+        try:
+            model = build_model(cfg)
+            model.load_state_dict(ckpt["model"])
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise SimclrError(
+                f"checkpoint {path} does not match its config: {str(exc).splitlines()[0]}"
+            ) from exc
+        self.model = model.eval().to(device)
+        self.device = device
+        self.image_size = int(cfg["image_size"])
+        self.resize = resize_policy_for(self.image_size)
+        self.mean = tuple(cfg.get("mean") or IMAGENET_MEAN)
+        self.std = tuple(cfg.get("std") or IMAGENET_STD)
+        self.description = (
+            f"{path.name} (PyTorch, {model.arch}, {model.stem} stem, "
+            f"{self.image_size} px, step {ckpt['step']}, {device})"
+        )
+
+    @torch.inference_mode()
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        x = normalize_uint8(torch.from_numpy(batch).to(self.device), self.mean, self.std)
+        return self.model.forward_features(x).float().cpu().numpy()  # [N, F]
+
+
+class PixelEmbedder:
+    """Raw-pixel baseline: the normalized S×S×3 model input, flattened (``[N, 3·S·S]``).
+
+    Normalizing with the ImageNet mean/std centres the pixels, so cosine similarity compares
+    contrast patterns rather than overall brightness.
+    """
+
+    def __init__(self, image_size: int) -> None:
+        self.image_size = image_size
+        self.resize = resize_policy_for(image_size)
+        self.description = f"raw pixels ({image_size}×{image_size}×3 = {3 * image_size**2}-d)"
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        x = normalize_uint8(torch.from_numpy(batch), IMAGENET_MEAN, IMAGENET_STD)
+        return x.flatten(1).numpy()  # [N, 3·S·S]
+
+
+def build_embedder(model: str, device: torch.device, image_size: int = 32) -> Embedder:
+    """``model``: a ``.onnx`` file, a ``.pt`` checkpoint, or ``pixels``."""
+    if model == "pixels":
+        return PixelEmbedder(image_size)
+    path = Path(model)
+    if path.suffix == ".onnx":
+        return OnnxEmbedder(path, device.type)
+    if path.suffix == ".pt":
+        return TorchEmbedder(path, device)
+    raise SimclrError(f"--model must be a .onnx file, a .pt checkpoint or 'pixels', got {model}")
+
+
+def embed_paths(
+    embedder: Embedder, paths: Sequence[Path], batch_size: int = 256, workers: int = 4
+) -> tuple[np.ndarray, float]:
+    """Features ``[N, F]`` of ``paths`` in order, and the images/s achieved (decode included).
+
+    Decoding runs on ``workers`` threads (Pillow releases the GIL while decoding and resizing)
+    and overlaps the model call of the previous batch.
+    """
+    if not paths:
+        raise SimclrError("no images to embed")
+    size, policy = embedder.image_size, embedder.resize
+    chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
+    out: list[np.ndarray] = []
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+
+        def load(chunk: Sequence[Path]) -> np.ndarray:
+            return np.stack(list(pool.map(lambda p: load_uint8(p, size, policy), chunk)))
+
+        with ThreadPoolExecutor(1) as prefetch:  # decode batch i+1 while the model runs batch i
+            pending = prefetch.submit(load, chunks[0])
+            for i in range(len(chunks)):
+                batch = pending.result()  # [B, S, S, 3] uint8
+                if i + 1 < len(chunks):
+                    pending = prefetch.submit(load, chunks[i + 1])
+                out.append(embedder(batch))
+    seconds = time.perf_counter() - t0
+    feats = np.concatenate(out)
+    if not np.isfinite(feats).all():
+        raise SimclrError("the model produced non-finite features (NaN/inf)")
+    return feats, len(paths) / max(seconds, 1e-9)
