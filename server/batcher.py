@@ -1,0 +1,319 @@
+"""Dynamic batching in pure asyncio, after Triton's dynamic batcher (no grpc, no onnxruntime).
+
+Requests of ``[n, S, S, 3]`` images wait in one FIFO queue. A model batch leaves when it holds
+``max_batch_size`` images or when the oldest waiting image has waited ``max_delay_s``; until then
+the collector sleeps exactly until that moment (a timer, no polling) or until a request fills the
+batch. A request larger than the room left is split across batches and its outputs reassembled
+in order. The queue is bounded in images: a request that does not fit fails at once
+(:class:`QueueFullError`). Requests whose caller was cancelled, or whose deadline passed, are
+dropped before their batch runs. ``encode`` runs in a dedicated thread pool, never on the event
+loop, and up to ``max_inflight`` batches run at once while the next one is being collected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+Outputs = dict[str, np.ndarray]
+Encode = Callable[[np.ndarray], Mapping[str, np.ndarray]]  # [B, ...] -> {name: [B, ...]}
+
+
+class QueueFullError(Exception):
+    """The request does not fit the bounded queue (gRPC: RESOURCE_EXHAUSTED)."""
+
+
+class DeadlineExceededError(Exception):
+    """The request's deadline passed before its batch ran (gRPC: DEADLINE_EXCEEDED)."""
+
+
+class BatcherStoppedError(Exception):
+    """The batcher is not running or is draining (gRPC: UNAVAILABLE)."""
+
+
+class BatchObserver(Protocol):
+    """Hooks for metrics; called on the event loop."""
+
+    def queue_changed(self, images: int) -> None: ...
+
+    def batch_done(
+        self, size: int, queue_seconds: Sequence[float], inference_seconds: float
+    ) -> None: ...
+
+
+class _NullObserver:
+    def queue_changed(self, images: int) -> None:
+        pass
+
+    def batch_done(
+        self, size: int, queue_seconds: Sequence[float], inference_seconds: float
+    ) -> None:
+        pass
+
+
+@dataclass(eq=False)
+class _Request:
+    images: np.ndarray  # [n, S, S, 3]
+    future: asyncio.Future[Outputs]
+    enqueued_at: float  # loop.time()
+    deadline: float | None  # loop.time() after which the answer is useless
+    taken: int = 0  # images already handed to a batch
+    answered: int = 0  # images whose outputs have been copied into `outputs`
+    outputs: Outputs | None = field(default=None, repr=False)
+
+    @property
+    def size(self) -> int:
+        return len(self.images)
+
+
+Segment = tuple[_Request, int, int]  # (request, start, stop) rows of one request in a batch
+
+
+class DynamicBatcher:
+    """Merge concurrent requests into model batches; see the module docstring.
+
+    Args:
+        encode: blocking ``[B, ...] uint8 -> {name: [B, ...]}``; called from worker threads.
+        max_batch_size: most images in one ``encode`` call.
+        max_delay_s: longest time the oldest queued image waits for batch-mates.
+        max_queue: most images waiting (not yet handed to a batch) at once.
+        max_inflight: most ``encode`` calls running at once.
+        observer: metrics hooks.
+    """
+
+    def __init__(
+        self,
+        encode: Encode,
+        *,
+        max_batch_size: int = 32,
+        max_delay_s: float = 0.002,
+        max_queue: int = 1024,
+        max_inflight: int = 1,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        if max_batch_size < 1 or max_queue < 1 or max_inflight < 1 or max_delay_s < 0:
+            raise ValueError(
+                "max_batch_size, max_queue, max_inflight must be >= 1, max_delay_s >= 0"
+            )
+        self._encode = encode
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.max_queue = max_queue
+        self.max_inflight = max_inflight
+        self._observer: BatchObserver = observer or _NullObserver()
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._queued = 0  # images in the queue not yet handed to a batch
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(max_inflight)
+        self._running: set[asyncio.Task[None]] = set()
+        self._collector: asyncio.Task[None] | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._stopping = False
+
+    @property
+    def queued_images(self) -> int:
+        return self._queued
+
+    @property
+    def inflight_batches(self) -> int:
+        return len(self._running)
+
+    def start(self) -> None:
+        """Start the collector task on the running loop."""
+        if self._collector is not None:
+            raise RuntimeError("batcher already started")
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            self.max_inflight, thread_name_prefix="simclr-infer"
+        )
+        self._collector = asyncio.get_running_loop().create_task(self._collect(), name="batcher")
+
+    async def submit(self, images: np.ndarray, *, deadline: float | None = None) -> Outputs:
+        """Queue ``images`` ``[n, ...]`` and wait for ``{name: [n, ...]}`` in the same order.
+
+        ``deadline`` is in ``loop.time()`` seconds. Raises :class:`QueueFullError`,
+        :class:`DeadlineExceededError`, :class:`BatcherStoppedError`, or what ``encode`` raised.
+        """
+        if self._collector is None or self._stopping:
+            raise BatcherStoppedError("the batcher is not accepting work (starting or draining)")
+        n = len(images)
+        if n == 0:
+            raise ValueError("no images to submit")
+        if self._queued + n > self.max_queue:
+            raise QueueFullError(
+                f"queue full: {self._queued} of {self.max_queue} images waiting, {n} more do not fit"
+            )
+        loop = asyncio.get_running_loop()
+        request = _Request(images, loop.create_future(), loop.time(), deadline)
+        was_empty = not self._queue
+        self._queue.append(request)
+        self._queued += n
+        self._observer.queue_changed(self._queued)
+        # The collector waits without a timeout only on an empty queue, and otherwise sleeps
+        # until the oldest image's delay is up: only these two events need to wake it early.
+        if was_empty or self._queued >= self.max_batch_size:
+            self._wakeup.set()
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            self._forget(request)  # free its queue space now, not when the collector gets there
+            raise
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Drain: refuse new work, run what is queued without waiting for the delay, wait for
+        running batches; after ``timeout`` seconds fail whatever is left with
+        :class:`BatcherStoppedError`."""
+        self._stopping = True
+        self._wakeup.set()
+        if self._collector is None:
+            return
+        try:
+            await asyncio.wait_for(self._drain(), timeout)
+        except asyncio.TimeoutError:
+            log.warning("batcher drain timed out; failing %d queued images", self._queued)
+            self._collector.cancel()
+            for task in list(self._running):
+                task.cancel()
+            await asyncio.gather(self._collector, *self._running, return_exceptions=True)
+            for request in list(self._queue):
+                self._fail(request, BatcherStoppedError("server stopped before this request ran"))
+        finally:
+            assert self._executor is not None
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _drain(self) -> None:
+        assert self._collector is not None
+        await asyncio.shield(self._collector)  # on timeout stop() cancels it itself
+        while self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+
+    # -- collector -----------------------------------------------------------------------------
+
+    async def _collect(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            # Take an in-flight slot first: while all slots are busy, images keep accumulating,
+            # so a loaded server naturally runs fuller batches.
+            await self._slots.acquire()
+            try:
+                batch = await self._next_batch(loop)
+            except BaseException:
+                self._slots.release()
+                raise
+            if batch is None:  # stopping and nothing left
+                self._slots.release()
+                return
+            task = loop.create_task(self._run_batch(batch, loop))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _next_batch(self, loop: asyncio.AbstractEventLoop) -> list[Segment] | None:
+        while True:
+            self._drop_dead(loop.time())
+            if not self._queue:
+                if self._stopping:
+                    return None
+                await self._wait(None)
+                continue
+            if self._queued >= self.max_batch_size or self._stopping:
+                return self._take()
+            remaining = self._queue[0].enqueued_at + self.max_delay_s - loop.time()
+            if remaining <= 0:
+                return self._take()
+            await self._wait(remaining)
+
+    async def _wait(self, timeout: float | None) -> None:
+        # No await between the caller's checks and clear(): a submit cannot slip in between.
+        self._wakeup.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), timeout)
+
+    def _drop_dead(self, now: float) -> None:
+        """Remove requests that were cancelled, already failed, or whose deadline has passed."""
+        for request in [r for r in self._queue if r.future.done()]:
+            self._forget(request)
+        for request in [r for r in self._queue if r.deadline is not None and r.deadline <= now]:
+            self._fail(request, DeadlineExceededError("deadline passed while waiting in the queue"))
+
+    def _take(self) -> list[Segment]:
+        batch: list[Segment] = []
+        room = self.max_batch_size
+        while room and self._queue:
+            request = self._queue[0]
+            k = min(room, request.size - request.taken)
+            batch.append((request, request.taken, request.taken + k))
+            request.taken += k
+            self._queued -= k
+            room -= k
+            if request.taken == request.size:
+                self._queue.popleft()
+        self._observer.queue_changed(self._queued)
+        return batch
+
+    async def _run_batch(self, batch: list[Segment], loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            parts = [request.images[a:b] for request, a, b in batch]
+            images = parts[0] if len(parts) == 1 else np.concatenate(parts)  # [B, S, S, 3]
+            started = loop.time()
+            outputs = await loop.run_in_executor(self._executor, self._encode, images)
+            inference_s = loop.time() - started
+            for name, arr in outputs.items():
+                if len(arr) != len(images):
+                    raise RuntimeError(
+                        f"encode returned {len(arr)} rows of {name!r} for {len(images)} images"
+                    )
+            self._observer.batch_done(
+                len(images), [started - request.enqueued_at for request, _, _ in batch], inference_s
+            )
+            self._scatter(batch, outputs)
+        except asyncio.CancelledError:
+            for request, _, _ in batch:
+                self._fail(request, BatcherStoppedError("server stopped while this request ran"))
+            raise
+        except Exception as exc:  # a failing batch fails its own requests, nothing else
+            log.exception("batch of %d images failed", sum(b - a for _, a, b in batch))
+            for request, _, _ in batch:
+                self._fail(request, exc)
+        finally:
+            self._slots.release()
+
+    @staticmethod
+    def _scatter(batch: list[Segment], outputs: Mapping[str, np.ndarray]) -> None:
+        offset = 0
+        for request, a, b in batch:
+            k = b - a
+            if not request.future.done():
+                if request.outputs is None:
+                    request.outputs = {
+                        name: np.empty((request.size, *arr.shape[1:]), arr.dtype)
+                        for name, arr in outputs.items()
+                    }
+                for name, arr in outputs.items():
+                    request.outputs[name][a:b] = arr[offset : offset + k]
+                request.answered += k
+                if request.answered == request.size:
+                    request.future.set_result(request.outputs)
+            offset += k
+
+    def _forget(self, request: _Request) -> None:
+        """Take a request's not-yet-batched images out of the queue."""
+        if request.taken < request.size:
+            self._queued -= request.size - request.taken
+            request.taken = request.size
+            with contextlib.suppress(ValueError):
+                self._queue.remove(request)
+            self._observer.queue_changed(self._queued)
+
+    def _fail(self, request: _Request, exc: BaseException) -> None:
+        if not request.future.done():
+            request.future.set_exception(exc)
+        self._forget(request)

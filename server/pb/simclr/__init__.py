@@ -1,0 +1,1 @@
+# Generated package marker (server/pb/generate.py).
