@@ -51,7 +51,8 @@ def load_uint8(path: str | os.PathLike[str], size: int, policy: str) -> np.ndarr
     """One image file → uint8 ``[S, S, 3]`` (RGB); ``SimclrError`` naming the file if unreadable."""
     try:
         img = open_image(path, draft_size=_needed_side(size, policy))
-        return np.asarray(apply_resize(img, size, policy), dtype=np.uint8)
+        # np.array (a writable copy), not asarray: callers wrap it with torch.from_numpy.
+        return np.array(apply_resize(img, size, policy), dtype=np.uint8)
     except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three on bad data
         raise SimclrError(f"cannot read image {path}: {exc}") from exc
 
