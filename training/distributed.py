@@ -28,9 +28,6 @@ from simclr_embed.errors import SimclrError
 
 log = logging.getLogger(__name__)
 
-# Collectives that wait longer than this raise instead of hanging forever (a dead peer).
-_TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("SIMCLR_DIST_TIMEOUT_MIN", "30")))
-
 
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name, "")
@@ -72,11 +69,14 @@ def init_distributed(device: str = "auto") -> torch.device:
         kind = torch.device("cuda", local)
     if world > 1 and not is_distributed():
         backend = "nccl" if kind.type == "cuda" else "gloo"
+        # A collective waiting longer than this raises instead of hanging forever (dead peer);
+        # generous because rank 0 may run the kNN evaluation while the others wait.
+        timeout = datetime.timedelta(minutes=_env_int("SIMCLR_DIST_TIMEOUT_MIN", 30))
         # env:// reads MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE set by torchrun.
         dist.init_process_group(
             backend=backend,
             init_method="env://",
-            timeout=_TIMEOUT,
+            timeout=timeout,
             device_id=kind if kind.type == "cuda" else None,
         )
         log.info("rank %d/%d joined the %s process group on %s", rank(), world, backend, kind)
