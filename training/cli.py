@@ -1,0 +1,20 @@
+"""``simclr train`` / ``python -m training`` / ``torchrun ... -m training``: parse, log, train."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from training.config import parse_config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_config(argv)  # bad usage exits 2 here, before torch is imported
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    from training.train import main as train_main
+
+    return train_main(cfg)

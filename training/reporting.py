@@ -1,0 +1,129 @@
+"""Progress, logs and TensorBoard for the training loop; bad-file bookkeeping.
+
+Every rank calls the same methods at the same steps (the meters are averaged over ranks with one
+all-reduce per log point, the only host sync in the loop); only rank 0 draws the tqdm bar,
+writes log lines and TensorBoard events (``OUT/tb``: train/loss, train/lr, train/img_per_s,
+train/contrastive_top1, eval/knn_top1).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from training import distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+class Reporter:
+    def __init__(
+        self,
+        out_dir: Path,
+        *,
+        total_steps: int,
+        start_step: int,
+        global_batch: int,
+        log_every: int,
+        progress: bool,
+    ) -> None:
+        self.primary = dist.is_primary()
+        self.total_steps, self.global_batch, self.log_every = total_steps, global_batch, log_every
+        self.writer = None
+        if self.primary:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out_dir / "tb"))
+        self.pbar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (self.primary and progress),
+            desc="train",
+        )
+        self.bad_files: set[str] = set()  # unreadable files seen by this rank
+        self.last: dict[str, float] = {}
+        self._reset()
+
+    def _reset(self) -> None:
+        self._loss: torch.Tensor | None = None
+        self._top1: torch.Tensor | None = None
+        self._n = 0
+        self._t0 = time.perf_counter()
+
+    def skipped(self, failed: list[str]) -> None:
+        """Warn once per unreadable file (they travel back from the workers with each batch)."""
+        for f in failed:
+            if f not in self.bad_files:
+                self.bad_files.add(f)
+                logger.warning("skipping unreadable image %s", f)
+
+    def step(self, step: int, loss: torch.Tensor, top1: torch.Tensor, lr: float) -> None:
+        """Record one optimizer step; every ``log_every`` steps (and the last) log the means."""
+        # Accumulate on the device: no .item() here, so the GPU never waits for the host.
+        loss, top1 = loss.detach().float(), top1.detach().float()
+        self._loss = loss if self._loss is None else self._loss + loss
+        self._top1 = top1 if self._top1 is None else self._top1 + top1
+        self._n += 1
+        self.pbar.update(1)
+        if step % self.log_every == 0 or step == self.total_steps:
+            self.flush(step, lr)
+
+    def flush(self, step: int, lr: float) -> None:
+        if self._n == 0 or self._loss is None or self._top1 is None:
+            return
+        means = dist.all_reduce_mean(torch.stack([self._loss, self._top1]) / self._n)  # [2]
+        loss, top1 = means.tolist()  # syncs: the elapsed time below is real
+        img_s = self._n * self.global_batch / max(time.perf_counter() - self._t0, 1e-9)
+        self.last = {"loss": loss, "top1": top1, "lr": lr, "img_per_s": img_s}
+        self.pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{img_s:.0f}")
+        logger.info(
+            "step %d/%d  loss %.4f  contrastive top-1 %.3f  lr %.4g  %.0f img/s",
+            step,
+            self.total_steps,
+            loss,
+            top1,
+            lr,
+            img_s,
+        )
+        if self.writer is not None:
+            self.writer.add_scalar("train/loss", loss, step)
+            self.writer.add_scalar("train/contrastive_top1", top1, step)
+            self.writer.add_scalar("train/lr", lr, step)
+            self.writer.add_scalar("train/img_per_s", img_s, step)
+        self._reset()
+
+    def epoch_end(self, epoch: int) -> int:
+        """Collect every rank's unreadable files on rank 0; log the run's total so far."""
+        if dist.world_size() > 1:
+            everyone: set[str] = set()
+            for src in range(dist.world_size()):
+                everyone |= dist.broadcast_object(
+                    sorted(self.bad_files) if dist.rank() == src else None, src
+                )
+            for f in sorted(everyone - self.bad_files):
+                logger.warning("skipping unreadable image %s (seen by another rank)", f)
+            self.bad_files |= everyone
+        if self.bad_files:
+            logger.warning(
+                "epoch %d: %d unreadable image file(s) skipped so far in this run",
+                epoch,
+                len(self.bad_files),
+            )
+        return len(self.bad_files)
+
+    def knn(self, step: int, epoch: int, top1: float) -> None:
+        logger.info("epoch %d step %d: kNN top-1 %.4f", epoch, step, top1)
+        if self.writer is not None:
+            self.writer.add_scalar("eval/knn_top1", top1, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        self.pbar.close()
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,360 @@
+"""SimCLR training: ``train_one_epoch`` and ``main(cfg)``, one code path for 1 or N processes.
+
+Single process (GPU if there is one)::
+
+    python -m training --data DIR --out runs/a
+
+One node, 8 GPUs (DDP, SyncBatchNorm, negatives gathered from all GPUs)::
+
+    torchrun --standalone --nproc-per-node 8 -m training --data DIR --out runs/a
+
+Several nodes: the same command on each, plus ``--nnodes M --rdzv-backend c10d
+--rdzv-endpoint HOST:29500 --rdzv-id RUN``. ``--batch-size`` is per process; the lr is scaled by
+the global batch. See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from simclr_embed.errors import SimclrError
+from simclr_embed.fileio import atomic_write_text
+from training import distributed as dist
+from training.augment import SimCLRAugment
+from training.checkpoint import capture_rng_state, save_checkpoint
+from training.config import TrainConfig
+from training.data import build_train_loader, find_images
+from training.loss import nt_xent_loss_and_accuracy
+from training.model import SimCLRModel, load_init_weights
+from training.optim import build_optimizer, scaled_lr, warmup_cosine
+from training.reporting import Reporter
+from training.resume import agree, load_resume_state, prepare_out_dir
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunState:
+    """Where the run is. ``batch_in_epoch`` batches of ``epoch`` are consumed (resume skips them)."""
+
+    step: int
+    epoch: int
+    batch_in_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    stop_step: int  # min(total_steps, --stop-after-steps)
+
+    def position(self) -> tuple[int, int]:
+        """(epoch, batch) to resume at; a finished epoch resumes at the next one's start."""
+        if self.batch_in_epoch >= self.steps_per_epoch:
+            return self.epoch + 1, 0
+        return self.epoch, self.batch_in_epoch
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """``(autocast dtype or None for fp32, use GradScaler)``; auto = bf16 on CUDA, fp32 on CPU."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None, False
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return {"fp32": (None, False), "bf16": (torch.bfloat16, False), "fp16": (torch.float16, True)}[
+        precision
+    ]
+
+
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loader: torch.utils.data.DataLoader,
+    device: torch.device,
+    epoch: int,
+    cfg: TrainConfig,
+    state: RunState,
+    reporter: Reporter,
+    scaler: torch.amp.GradScaler,
+    *,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    on_step: Callable[[], None] | None = None,
+) -> None:
+    """One pass over ``loader`` (already positioned by the sampler), stopping at ``state.stop_step``."""
+    model.train()
+    for batch in loader:
+        if state.step >= state.stop_step:
+            break
+        reporter.skipped(batch["failed"])
+        if not batch["ok"]:
+            raise SimclrError(
+                f"could not read any of many consecutive files in --data {cfg.data}; "
+                "are they images?"
+            )
+        # Both views in one forward, so BatchNorm normalizes over 2B like the paper's TPU code.
+        v1 = batch["view1"].to(device, non_blocking=True)  # [B, 3, S, S]
+        v2 = batch["view2"].to(device, non_blocking=True)  # [B, 3, S, S]
+        x = torch.cat([v1, v2])  # [2B, 3, S, S]
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(
+            device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+        ):
+            _, z = model(x)  # [2B, P]
+        z1, z2 = z.float().chunk(2)  # [B, P] each; the loss gathers all ranks' rows itself
+        loss, top1 = nt_xent_loss_and_accuracy(z1, z2, cfg.temperature)
+        # nanoGPT's order; with fp32/bf16 the scaler is disabled and these are plain calls.
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()  # per optimizer step
+        state.step += 1
+        state.batch_in_epoch += 1
+        reporter.step(state.step, loss, top1, scheduler.get_last_lr()[0])
+        if on_step is not None:
+            on_step()
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def main(cfg: TrainConfig) -> int:
+    device = dist.init_distributed(cfg.device)
+    if not dist.is_primary():
+        logging.getLogger().setLevel(logging.ERROR)  # only rank 0 logs
+    try:
+        with logging_redirect_tqdm():
+            _run(cfg, device)
+    finally:
+        dist.cleanup()
+    return 0
+
+
+def _run(cfg: TrainConfig, device: torch.device) -> None:
+    world, rank = dist.world_size(), dist.rank()
+    out = Path(cfg.out)
+    ckpt_dir = out / "checkpoints"
+    agree(lambda: prepare_out_dir(out, cfg.resume))
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    amp_dtype, use_scaler = resolve_precision(cfg.precision, device)
+    _seed_everything(cfg.seed)
+
+    paths = find_images(cfg.data)
+    augment = SimCLRAugment(cfg.image_size, cfg.color_strength, cfg.blur, cfg.mean, cfg.std)
+    sampler, loader = build_train_loader(
+        paths,
+        augment,
+        batch_size=cfg.batch_size,
+        workers=cfg.workers,
+        seed=cfg.seed,
+        world_size=world,
+        rank=rank,
+        pin_memory=cuda,
+    )
+    steps_per_epoch = len(loader)
+    global_batch = cfg.batch_size * world
+    if steps_per_epoch == 0:
+        raise SimclrError(
+            f"--data {cfg.data} has {len(paths)} images, fewer than one global batch "
+            f"({cfg.batch_size} × {world} processes); lower --batch-size"
+        )
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    warmup_steps = (
+        cfg.warmup_steps
+        if cfg.warmup_steps is not None
+        else round(cfg.warmup_epochs * steps_per_epoch)
+    )
+    warmup_steps = min(warmup_steps, total_steps)
+    peak_lr = scaled_lr(cfg.lr, global_batch, cfg.lr_scaling)
+    resolved = {
+        **cfg.to_dict(),
+        "world_size": world,
+        "global_batch_size": global_batch,
+        "peak_lr": peak_lr,
+        "num_images": len(paths),
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "warmup_steps": warmup_steps,
+        "device_type": device.type,
+        "amp_dtype": str(amp_dtype).removeprefix("torch.") if amp_dtype else "float32",
+    }
+
+    model = SimCLRModel(cfg.arch, cfg.stem, cfg.proj_dim)
+    if cfg.init_weights and not cfg.resume:
+        if not Path(cfg.init_weights).is_file():
+            raise SimclrError(f"--init-weights {cfg.init_weights}: no such file")
+        missing, unexpected = load_init_weights(model, cfg.init_weights)
+        logger.info(
+            "loaded %s (missing %d keys, unexpected %d)",
+            cfg.init_weights,
+            len(missing),
+            len(unexpected),
+        )
+    if world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(
+            model
+        )  # BN statistics over the global batch
+    model.to(device)
+    if cuda:
+        model.to(memory_format=torch.channels_last)
+    raw_model = model  # what checkpoints and the kNN monitor use: no DDP / compile wrappers
+    optimizer = build_optimizer(cfg.optimizer, raw_model, peak_lr, cfg.weight_decay)
+    scheduler = warmup_cosine(optimizer, warmup_steps, total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+
+    state = RunState(
+        0, 0, 0, steps_per_epoch, total_steps, min(total_steps, cfg.stop_after_steps or total_steps)
+    )
+    if cfg.resume:
+        state.step, state.epoch, state.batch_in_epoch = load_resume_state(
+            ckpt_dir / "last.pt", resolved, raw_model, optimizer, scheduler, scaler
+        )
+    if world > 1:
+        model = DDP(model, device_ids=[device.index] if cuda else None)
+    if cfg.compile:
+        model = torch.compile(model)
+
+    if dist.is_primary():
+        atomic_write_text(
+            out / "config.json", json.dumps(resolved, indent=2, sort_keys=True) + "\n"
+        )
+        logger.info(
+            "training %s (%s stem) on %d images: %d process(es) × batch %d, %d steps "
+            "(%d/epoch), peak lr %.4g, %s on %s",
+            cfg.arch,
+            cfg.stem,
+            len(paths),
+            world,
+            cfg.batch_size,
+            total_steps,
+            steps_per_epoch,
+            peak_lr,
+            resolved["amp_dtype"],
+            device,
+        )
+
+    eval_sets = None
+    if cfg.eval_data and dist.is_primary():
+        from training.monitor import load_eval_sets
+
+        eval_sets = load_eval_sets(cfg.eval_data, cfg.image_size)
+
+    def checkpoint() -> None:
+        if not dist.is_primary():
+            return
+        epoch, batch = state.position()
+        payload: dict[str, Any] = {
+            "model": raw_model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if use_scaler else None,
+            "step": state.step,
+            "epoch": epoch,
+            "batch_in_epoch": batch,
+            "rng": capture_rng_state(),
+            "sampler": {
+                "seed": cfg.seed,
+                "epoch": epoch,
+                "start_batch": batch,
+                "world_size": world,
+                "batch_size": cfg.batch_size,
+            },
+            "config": resolved,
+        }
+        path = save_checkpoint(ckpt_dir, payload, cfg.keep_checkpoints)
+        logger.info("wrote %s (step %d)", path, state.step)
+
+    def knn() -> None:
+        if eval_sets is not None:
+            from training.monitor import knn_monitor
+
+            bank, queries, num_classes = eval_sets
+            top1 = knn_monitor(
+                raw_model,
+                bank,
+                queries,
+                num_classes,
+                device,
+                cfg.mean,
+                cfg.std,
+                batch_size=max(cfg.batch_size, 64),
+                workers=min(cfg.workers, 4),
+                amp_dtype=amp_dtype,
+                channels_last=cuda,
+            )
+            reporter.knn(state.step, state.position()[0], top1)
+        dist.barrier()
+
+    last_saved, last_eval = state.step, -1
+    reporter = Reporter(
+        out,
+        total_steps=total_steps,
+        start_step=state.step,
+        global_batch=global_batch,
+        log_every=cfg.log_every,
+        progress=cfg.progress,
+    )
+
+    def on_step() -> None:
+        nonlocal last_saved
+        if state.step % cfg.checkpoint_every == 0:
+            checkpoint()
+            last_saved = state.step
+
+    try:
+        while state.step < state.stop_step:
+            sampler.set_epoch(state.epoch, start_batch=state.batch_in_epoch)
+            train_one_epoch(
+                model,
+                optimizer,
+                scheduler,
+                loader,
+                device,
+                state.epoch,
+                cfg,
+                state,
+                reporter,
+                scaler,
+                amp_dtype=amp_dtype,
+                channels_last=cuda,
+                on_step=on_step,
+            )
+            if state.batch_in_epoch >= steps_per_epoch:  # the epoch is complete
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+                reporter.epoch_end(state.epoch)
+                if state.epoch % cfg.eval_every == 0:
+                    knn()
+                    last_eval = state.step
+        reporter.flush(state.step, scheduler.get_last_lr()[0])
+        if state.step != last_saved or not (ckpt_dir / "last.pt").exists():
+            checkpoint()
+        if eval_sets is not None and last_eval != state.step:
+            knn()
+    finally:
+        reporter.close()
+    if state.step < total_steps:
+        logger.info(
+            "stopped at step %d of %d (--stop-after-steps); continue with --resume",
+            state.step,
+            total_steps,
+        )
+    else:
+        logger.info("done: %d steps; checkpoints in %s", state.step, ckpt_dir)
