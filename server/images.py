@@ -11,15 +11,16 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from simclr_embed.imageio import DEFAULT_CROP_FRACTION, apply_resize, to_rgb
 
 DEFAULT_MAX_PIXELS = 50_000_000
 
-# Formats the API promises (CONTRACT §4), plus MPO (what many cameras write for JPEG). Restricting
-# Image.open to these keeps plugins such as EPS (which shells out to Ghostscript) unreachable.
-ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+# Formats the API promises (CONTRACT §4); the JPEG opener also yields MPO (many cameras' JPEGs).
+# Restricting Image.open to these keeps plugins such as EPS (which shells out to Ghostscript)
+# unreachable.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
 # JPEG draft decoding (DCT scaling by 1/2, 1/4, 1/8) is used only while the decoded image stays at
 # least this many times larger than what the resize needs, as Pillow's thumbnail() does, so that
@@ -78,6 +79,8 @@ class Preprocessor:
             img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
         except Image.DecompressionBombError as exc:
             raise ImageError(f"too many pixels ({exc})") from None
+        except UnidentifiedImageError:
+            raise ImageError(f"not a {'/'.join(ALLOWED_FORMATS)} image") from None
         except Exception as exc:  # Pillow raises many types on junk; all mean "not an image"
             raise ImageError(f"not a decodable image ({_describe(exc)})") from None
         with img:

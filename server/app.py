@@ -1,0 +1,193 @@
+"""The assembled server: grpc.aio + servicer + health + reflection + auth + TLS + metrics + drain.
+
+Start-up order: bind the port and answer health NOT_SERVING at once, then load the model and
+warm it up in a worker thread, then SERVING. Shutdown (SIGTERM/SIGINT): health NOT_SERVING,
+stop taking new RPCs, let in-flight ones finish within ``--grace-s``, drain the batcher, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from PIL import Image
+
+from server.auth import BearerTokenInterceptor
+from server.batcher import DynamicBatcher
+from server.config import ServeConfig
+from server.images import Preprocessor
+from server.metrics import Metrics
+from server.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc
+from server.runtime import OnnxRuntime, usable_cores
+from server.servicer import SERVICE_NAME, Backend, EmbeddingServicer
+from simclr_embed.errors import SimclrError
+
+log = logging.getLogger(__name__)
+
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+class EmbeddingServer:
+    """One server instance. ``await start()`` returns once SERVING; ``await stop(grace)`` drains.
+
+    Tests run it in-process on port 0 (``self.port`` is the bound one); the CLI uses :func:`serve`.
+    """
+
+    def __init__(self, cfg: ServeConfig) -> None:
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self.runtime: OnnxRuntime | None = None
+        self._batcher: DynamicBatcher | None = None
+        self._decode_pool = concurrent.futures.ThreadPoolExecutor(
+            cfg.decode_threads or usable_cores(), thread_name_prefix="simclr-decode"
+        )
+        self._servicer = EmbeddingServicer(
+            metrics=self.metrics,
+            decode_pool=self._decode_pool,
+            max_request_images=cfg.max_request_images,
+        )
+        self._health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        interceptors = []
+        if cfg.auth_token:
+            interceptors.append(BearerTokenInterceptor(cfg.auth_token, self._count_rejected))
+        server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_receive_message_length", cfg.max_message_bytes),
+                ("grpc.max_send_message_length", cfg.max_message_bytes),
+                # Without this a second server on the same port would silently share it.
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        pb_grpc.add_EmbeddingServiceServicer_to_server(self._servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        for service in ("", SERVICE_NAME):  # "" = the whole server
+            await self._health.set(service, _NOT_SERVING)
+        self.port = self._bind(server)
+        self._server = server
+        await server.start()
+        if cfg.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)
+        log.info(
+            "listening on %s (%s), loading %s",
+            _address(cfg.host, self.port),
+            "TLS" if cfg.tls_cert else "plaintext",
+            cfg.model,
+        )
+
+        # Pillow's own bomb check must not be stricter than --max-pixels (ours runs first).
+        if cfg.max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
+            Image.MAX_IMAGE_PIXELS = cfg.max_pixels
+        loop = asyncio.get_running_loop()
+        self.runtime = runtime = await loop.run_in_executor(None, self._load_model)
+        inflight = cfg.max_inflight or (2 if runtime.on_gpu else 1)
+        self._batcher = DynamicBatcher(
+            runtime.encode,
+            max_batch_size=cfg.max_batch_size,
+            max_delay_s=cfg.max_delay_ms / 1e3,
+            max_queue=cfg.max_queue,
+            max_inflight=inflight,
+            observer=self.metrics,
+        )
+        self._batcher.start()
+        preprocessor = Preprocessor(runtime.info.image_size, runtime.info.resize, cfg.max_pixels)
+        self._servicer.attach(
+            Backend(runtime.info, tuple(runtime.providers), preprocessor, self._batcher)
+        )
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, _SERVING)
+        log.info(
+            "SERVING on %s: model %s, providers %s, max batch %d, max delay %.1f ms, "
+            "%d batch(es) in flight",
+            _address(cfg.host, self.port),
+            runtime.info.model_version,
+            runtime.providers,
+            cfg.max_batch_size,
+            cfg.max_delay_ms,
+            inflight,
+        )
+
+    def _load_model(self) -> OnnxRuntime:
+        runtime = OnnxRuntime(
+            self.cfg.model,
+            device=self.cfg.device,
+            max_batch_size=self.cfg.max_batch_size,
+            intra_op_threads=self.cfg.intra_op_threads,
+            tensorrt=self.cfg.tensorrt,
+        )
+        runtime.warm_up()
+        return runtime
+
+    def _bind(self, server: grpc.aio.Server) -> int:
+        cfg = self.cfg
+        address = _address(cfg.host, cfg.port)
+        try:
+            if cfg.tls_cert is not None and cfg.tls_key is not None:
+                creds = grpc.ssl_server_credentials(
+                    [(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())]
+                )
+                port = server.add_secure_port(address, creds)
+            else:
+                port = server.add_insecure_port(address)
+        except OSError as exc:
+            raise SimclrError(f"cannot read TLS files: {exc}") from None
+        except RuntimeError as exc:
+            raise SimclrError(f"cannot listen on {address}: {exc}") from None
+        if not port:
+            raise SimclrError(f"cannot listen on {address} (in use?)")
+        return port
+
+    def _count_rejected(self, method: str) -> None:
+        if method.endswith("/Embed"):
+            self.metrics.request_done("UNAUTHENTICATED", 0)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, refuse new RPCs, give in-flight ones ``grace`` seconds, clean up."""
+        grace = self.cfg.grace_s if grace is None else grace
+        await self._health.enter_graceful_shutdown()  # every service NOT_SERVING, for good
+        if self._server is not None:
+            # New RPCs are refused from here on; running handlers keep going until `grace`.
+            await self._server.stop(grace)
+        self._servicer.drain()
+        if self._batcher is not None:
+            await self._batcher.stop(timeout=max(grace, 1.0))
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        self.metrics.close()
+        log.info("stopped")
+
+
+async def serve(cfg: ServeConfig) -> int:
+    """Run until SIGTERM/SIGINT, then drain; returns the exit code (0)."""
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    server = EmbeddingServer(cfg)
+    try:
+        await server.start()
+    except BaseException:
+        await server.stop(0)
+        raise
+    await stop_requested.wait()
+    log.info("signal received: draining (grace %.1f s)", cfg.grace_s)
+    await server.stop(cfg.grace_s)
+    return 0

@@ -1,0 +1,172 @@
+"""``simclr serve`` configuration: one frozen dataclass, built from argparse (CONTRACT §2)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.images import DEFAULT_MAX_PIXELS
+
+TOKEN_ENV = "SIMCLR_AUTH_TOKEN"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: Path
+    host: str = "127.0.0.1"
+    port: int = 50051
+    device: str = "auto"
+    max_batch_size: int = 32
+    max_delay_ms: float = 2.0
+    max_queue: int = 1024
+    max_request_images: int = 1024
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_inflight: int = 0  # 0: 1 on CPU (one run already uses every core), 2 on a GPU
+    decode_threads: int = 0  # 0: usable cores
+    intra_op_threads: int = 0  # 0: usable cores
+    tensorrt: bool = False
+    metrics_port: int | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    auth_token: str | None = field(default=None, repr=False)  # never logged
+    grace_s: float = 30.0
+    max_message_mb: int = 64
+    log_level: str = "info"
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_mb * 1024 * 1024
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="simclr serve",
+        description="Serve an exported SimCLR ONNX model over gRPC with dynamic batching.",
+    )
+    p.add_argument("--model", type=Path, required=True, help="the .onnx file from export-onnx")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind [127.0.0.1]")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one [50051]")
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: CUDA when it really loads, else CPU; cuda: fail if it does not [auto]",
+    )
+    p.add_argument("--max-batch-size", type=int, default=32, help="most images per model call [32]")
+    p.add_argument(
+        "--max-delay-ms",
+        type=float,
+        default=2.0,
+        help="longest wait of the oldest queued image for batch-mates [2]",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=1024,
+        help="most images waiting for a batch; a request that does not fit gets "
+        "RESOURCE_EXHAUSTED [1024]",
+    )
+    p.add_argument(
+        "--max-request-images",
+        type=int,
+        default=1024,
+        help="most images in one Embed request [1024]",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="most pixels per image, checked before decoding [50000000]",
+    )
+    p.add_argument(
+        "--max-inflight",
+        type=int,
+        default=0,
+        help="model calls running at once; 0 = 1 on CPU, 2 on GPU [0]",
+    )
+    p.add_argument(
+        "--decode-threads", type=int, default=0, help="image decode threads; 0 = cores [0]"
+    )
+    p.add_argument(
+        "--intra-op-threads",
+        type=int,
+        default=0,
+        help="ONNX Runtime CPU threads per model call; 0 = cores [0]",
+    )
+    p.add_argument("--tensorrt", action="store_true", help="try the TensorRT provider first (GPU)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus /metrics on this port (same host) [off]",
+    )
+    p.add_argument(
+        "--tls-cert", type=Path, default=None, help="PEM certificate chain (enables TLS)"
+    )
+    p.add_argument("--tls-key", type=Path, default=None, help="PEM private key for --tls-cert")
+    p.add_argument(
+        "--auth-token",
+        default=None,
+        help=f"require 'authorization: Bearer <token>' on every RPC but health [env {TOKEN_ENV}]",
+    )
+    p.add_argument(
+        "--grace-s",
+        type=float,
+        default=30.0,
+        help="on SIGTERM/SIGINT, seconds in-flight requests get to finish [30]",
+    )
+    p.add_argument("--max-message-mb", type=int, default=64, help="largest gRPC message [64]")
+    p.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="info",
+        help="debug logs per-request timing [info]",
+    )
+    return p
+
+
+def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ServeConfig:
+    """Validate flags (``parser.error`` → exit 2 naming the flag) and freeze them."""
+    positive = ("max_batch_size", "max_queue", "max_request_images", "max_pixels", "max_message_mb")
+    for name in positive:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("max_inflight", "decode_threads", "intra_op_threads"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("max_delay_ms", "grace_s"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("port", "metrics_port"):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value <= 65535:
+            parser.error(f"--{name.replace('_', '-')} must be in 0..65535, got {value}")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    token = args.auth_token if args.auth_token is not None else os.environ.get(TOKEN_ENV)
+    if token is not None and (not token or any(c.isspace() for c in token)):
+        parser.error("--auth-token must be non-empty and without whitespace")
+    return ServeConfig(
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        max_batch_size=args.max_batch_size,
+        max_delay_ms=args.max_delay_ms,
+        max_queue=args.max_queue,
+        max_request_images=args.max_request_images,
+        max_pixels=args.max_pixels,
+        max_inflight=args.max_inflight,
+        decode_threads=args.decode_threads,
+        intra_op_threads=args.intra_op_threads,
+        tensorrt=args.tensorrt,
+        metrics_port=args.metrics_port,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        auth_token=token or None,
+        grace_s=args.grace_s,
+        max_message_mb=args.max_message_mb,
+        log_level=args.log_level,
+    )

@@ -1,0 +1,105 @@
+"""Prometheus metrics of CONTRACT §6, in the server's own registry, served on ``--metrics-port``.
+
+Names: ``simclr_requests_total{code}``, ``simclr_images_total``, ``simclr_batch_size``,
+``simclr_queue_seconds``, ``simclr_inference_seconds``, ``simclr_decode_seconds`` (histograms),
+``simclr_queue_images`` (gauge). An own registry (not the global default) keeps several servers
+in one process (tests) apart and leaves out the process/GC collectors nobody asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+# Codes the server answers with; created at zero so dashboards see them before the first error.
+KNOWN_CODES = (
+    "OK",
+    "INVALID_ARGUMENT",
+    "RESOURCE_EXHAUSTED",
+    "DEADLINE_EXCEEDED",
+    "UNAVAILABLE",
+    "UNAUTHENTICATED",
+    "CANCELLED",
+    "INTERNAL",
+)
+_SECONDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+_BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    """The server's metrics; also the batcher's ``BatchObserver``. Thread-safe (decode threads)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "simclr_requests_total",
+            "Embed RPCs answered, by gRPC status code",
+            ["code"],
+            registry=r,
+        )
+        for code in KNOWN_CODES:
+            self.requests.labels(code=code)
+        self.images = Counter("simclr_images_total", "Images embedded (answered OK)", registry=r)
+        self.batch_size = Histogram(
+            "simclr_batch_size", "Images per model call", buckets=_BATCH, registry=r
+        )
+        self.queue_seconds = Histogram(
+            "simclr_queue_seconds",
+            "Time a request's images waited in the batcher before their model call",
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "simclr_inference_seconds", "Duration of one model call", buckets=_SECONDS, registry=r
+        )
+        self.decode_seconds = Histogram(
+            "simclr_decode_seconds",
+            "Decode + resize time of one image",
+            buckets=_SECONDS,
+            registry=r,
+        )
+        self.queue_images = Gauge(
+            "simclr_queue_images", "Images waiting for a model batch", registry=r
+        )
+        self._http = None
+
+    # -- BatchObserver ---------------------------------------------------------------------------
+
+    def queue_changed(self, images: int) -> None:
+        self.queue_images.set(images)
+
+    def batch_done(
+        self, size: int, queue_seconds: Sequence[float], inference_seconds: float
+    ) -> None:
+        self.batch_size.observe(size)
+        for seconds in queue_seconds:
+            self.queue_seconds.observe(seconds)
+        self.inference_seconds.observe(inference_seconds)
+
+    # -- servicer --------------------------------------------------------------------------------
+
+    def request_done(self, code: str, images: int) -> None:
+        self.requests.labels(code=code).inc()
+        if code == "OK":
+            self.images.inc(images)
+
+    # -- exposition ------------------------------------------------------------------------------
+
+    def serve(self, host: str, port: int) -> int:
+        """Serve ``/metrics`` over HTTP in a daemon thread; returns the bound port."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        bound = int(server.server_port)
+        log.info("metrics on http://%s:%d/metrics", host, bound)
+        return bound
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
