@@ -1,0 +1,177 @@
+"""deploy/: the manifests parse and agree with the real CLIs; the health-check script really works."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+
+
+def _k8s_docs() -> list[dict]:
+    return [d for d in yaml.safe_load_all((DEPLOY / "k8s.yaml").read_text()) if d]
+
+
+def _deployment() -> dict:
+    (dep,) = [d for d in _k8s_docs() if d["kind"] == "Deployment"]
+    return dep
+
+
+def test_k8s_yaml_parses_with_deployment_and_services() -> None:
+    docs = _k8s_docs()
+    kinds = [d["kind"] for d in docs]
+    assert "Deployment" in kinds and kinds.count("Service") >= 1
+    for d in docs:
+        assert d["apiVersion"] and d["metadata"]["name"]
+    dep = _deployment()
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    for svc in (d for d in docs if d["kind"] == "Service"):
+        assert svc["spec"]["selector"].items() <= labels.items()
+        container_ports = {
+            p["name"] for p in dep["spec"]["template"]["spec"]["containers"][0]["ports"]
+        }
+        assert {p["targetPort"] for p in svc["spec"]["ports"]} <= container_ports
+
+
+def test_k8s_probes_use_grpc_health_on_the_served_port() -> None:
+    dep = _deployment()
+    assert dep["spec"]["replicas"] >= 2
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    grpc_port = next(p["containerPort"] for p in c["ports"] if p["name"] == "grpc")
+    assert f"--port={grpc_port}" in c["args"]
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert c[probe]["grpc"] == {"port": grpc_port}, probe
+    gpu = "nvidia.com/gpu"
+    assert c["resources"]["limits"][gpu] == 1 and c["resources"]["requests"][gpu] == 1
+    # The pod must outlive the server's drain, or SIGKILL cuts in-flight requests.
+    grace = next(float(a.split("=", 1)[1]) for a in c["args"] if a.startswith("--grace-s="))
+    assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > grace
+    assert dep["spec"]["template"]["spec"]["securityContext"]["runAsUser"] != 0
+
+
+def test_k8s_args_are_accepted_by_the_real_serve_cli() -> None:
+    from server.config import build_parser, config_from_args
+
+    (c,) = _deployment()["spec"]["template"]["spec"]["containers"]
+    parser = build_parser()
+    cfg = config_from_args(parser.parse_args(c["args"]), parser)
+    assert cfg.host == "0.0.0.0" and cfg.device == "cuda" and cfg.metrics_port == 9090
+    env = {e["name"] for e in c.get("env", [])}
+    assert "SIMCLR_AUTH_TOKEN" in env
+
+
+def _training_argv(script: Path) -> list[str]:
+    """The flags a launcher script passes after ``-m training``, shell variables filled in."""
+    text = script.read_text().replace("\\\n", " ")
+    (line,) = [ln for ln in text.splitlines() if " -m training" in ln]
+    tail = line.split(" -m training", 1)[1]
+    fill = {
+        '"$CONFIG"': "configs/imagenet-resnet50.yaml",
+        '"$DATA"': "/data",
+        '"$OUT"': "/runs/x",
+        "$((GLOBAL_BATCH / WORLD))": "128",
+        '"${RESUME[@]}"': "",
+    }
+    for k, v in fill.items():
+        tail = tail.replace(k, v)
+    return shlex.split(tail)
+
+
+@pytest.mark.parametrize("script", ["slurm/train.sbatch", "torchrun-multinode.sh"])
+def test_launcher_scripts(script: str) -> None:
+    path = DEPLOY / script
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    text = path.read_text()
+    for flag in ("--nnodes", "--nproc-per-node", "--rdzv-backend c10d", "--rdzv-endpoint"):
+        assert flag in text
+    if script.startswith("slurm"):
+        assert "srun" in text and "#SBATCH --nodes" in text
+    argv = _training_argv(path)
+    from training.config import get_args_parser
+
+    args = get_args_parser().parse_args(argv)  # exits 2 (fails the test) on an unknown flag
+    assert args.batch_size == 128
+    config = next(a for a in argv if a.endswith(".yaml"))
+    if (ROOT / "configs").is_dir() and any((ROOT / "configs").iterdir()):
+        assert (ROOT / config).is_file(), f"{script} uses {config}, which does not exist"
+
+
+def test_launcher_refuses_missing_settings(tmp_path: Path) -> None:
+    r = subprocess.run(
+        ["bash", str(DEPLOY / "torchrun-multinode.sh")],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+        cwd=tmp_path,
+    )
+    assert r.returncode != 0 and "NNODES" in r.stderr
+
+
+@pytest.fixture
+def health_server() -> Iterator[tuple[str, object]]:
+    """A real gRPC server with only the standard health service, on a free loopback port."""
+    import grpc
+    from grpc_health.v1 import health, health_pb2_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}", servicer
+    finally:
+        server.stop(0).wait()
+
+
+def _healthcheck(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(DEPLOY / "healthcheck.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_healthcheck_script_follows_the_health_service(health_server) -> None:
+    from grpc_health.v1 import health_pb2
+
+    target, servicer = health_server
+    servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    r = _healthcheck(target)
+    assert r.returncode == 1 and r.stdout.strip() == "NOT_SERVING"
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    r = _healthcheck(target)
+    assert r.returncode == 0 and r.stdout.strip() == "SERVING"
+    r = _healthcheck(target, "--service", "simclr.v1.EmbeddingService")
+    assert r.returncode == 1 and "NOT_FOUND" in r.stdout
+
+
+def test_healthcheck_script_without_a_server() -> None:
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = _healthcheck(f"127.0.0.1:{port}", "--timeout", "1")
+    assert r.returncode == 1 and r.stdout.startswith("unhealthy:")
+
+
+def test_triton_notes_use_the_real_export_flags() -> None:
+    from export.cli import get_args_parser
+
+    text = (DEPLOY / "triton" / "README.md").read_text()
+    block = text.split("```bash", 1)[1].split("```", 1)[0]
+    argv = shlex.split(block.replace("\\\n", " "))
+    assert argv[:2] == ["simclr", "export-onnx"]
+    args = get_args_parser().parse_args(argv[2:])
+    assert args.triton_repo == Path("triton_repo")
