@@ -1,0 +1,105 @@
+"""Exact resume: k steps, stop, --resume → the same weights as one uninterrupted run.
+
+The stop lands mid-epoch, so the resumed run must skip exactly the batches already consumed and
+see the same augmentations (per-sample seeds), with any number of workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from simclr_embed.cli import run_main
+from tests.conftest import write_image_folder
+from training.checkpoint import load_checkpoint
+from training.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("resume") / "data", per_class=8)  # 24 images
+
+
+def _argv(data: Path, out: Path, workers: int, *extra: str) -> list[str]:
+    # 24 images / batch 8 → 3 steps per epoch; 8 steps = 2 epochs + 2 steps. LARS (the default)
+    # with momentum, warmup + cosine: every piece of optimizer/scheduler state matters.
+    return [
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--arch",
+        "resnet18",
+        "--image-size",
+        "32",
+        "--stem",
+        "standard",
+        "--proj-dim",
+        "16",
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "8",
+        "--warmup-steps",
+        "3",
+        "--lr",
+        "2.0",
+        "--color-strength",
+        "0.5",
+        "--workers",
+        str(workers),
+        "--checkpoint-every",
+        "100",
+        "--no-progress",
+        "--seed",
+        "3",
+        *extra,
+    ]
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stopped_and_resumed_run_matches_uninterrupted(
+    data: Path, tmp_path: Path, workers: int
+) -> None:
+    assert run_main(main, _argv(data, tmp_path / "straight", workers)) == 0
+    straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
+
+    out = tmp_path / "resumed"
+    assert run_main(main, _argv(data, out, workers, "--stop-after-steps", "4")) == 0
+    middle = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert (middle["step"], middle["epoch"], middle["batch_in_epoch"]) == (4, 1, 1)  # mid-epoch
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.pt", "step-4.pt"]
+    assert run_main(main, _argv(data, out, workers, "--resume")) == 0
+    resumed = load_checkpoint(out / "checkpoints" / "last.pt")
+
+    assert resumed["step"] == straight["step"] == 8
+    # A different model after 4 steps: the test can tell runs apart.
+    assert not torch.equal(
+        middle["model"]["projector.3.weight"], straight["model"]["projector.3.weight"]
+    )
+    _assert_same(straight["model"], resumed["model"])  # weights and BN running statistics
+    for pid, state in straight["optimizer"]["state"].items():
+        _assert_same(state, resumed["optimizer"]["state"][pid])  # LARS momentum buffers
+    assert straight["scheduler"]["last_epoch"] == resumed["scheduler"]["last_epoch"] == 8
