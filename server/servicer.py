@@ -188,13 +188,13 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     def _decode_one(self, image: pb.Image, pre: Preprocessor) -> np.ndarray:
         """Runs in a decode thread."""
         started = time.perf_counter()
-        source = image.WhichOneof("source")
-        if source == "encoded":
-            out = pre.from_encoded(image.encoded)
-        elif source == "raw":
-            raw = image.raw
-            out = pre.from_raw(raw.pixels, raw.height, raw.width, raw.channels)
-        else:
+        try:
+            source = image.WhichOneof("source")
+            if source == "encoded":
+                return pre.from_encoded(image.encoded)
+            if source == "raw":
+                raw = image.raw
+                return pre.from_raw(raw.pixels, raw.height, raw.width, raw.channels)
             raise ImageError("neither encoded bytes nor raw pixels are set")
-        self._metrics.decode_seconds.observe(time.perf_counter() - started)
-        return out
+        finally:  # refused images cost decode time too
+            self._metrics.decode_seconds.observe(time.perf_counter() - started)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import io
 import threading
@@ -40,13 +41,16 @@ class ServerThread:
     def call(self, coro: Coroutine[Any, Any, Any], timeout: float = 60) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
+    def call_soon(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.server.port}"
 
     def close(self) -> None:
         if self.loop.is_running():
-            self.call(self.server.stop(1.0))
+            self.call(self.server.stop(1.0))  # a second stop() is harmless
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)
         self.loop.close()

@@ -1,0 +1,207 @@
+"""``simclr embed`` end to end, and ``python -m server`` as a process: drain, exit codes, no torch."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from server.client import EmbeddingClient
+from server.pb.simclr.v1 import embedding_pb2 as pb
+from server.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc
+from simclr_embed.cli import main as simclr
+from simclr_embed.imageio import list_images
+from tests.conftest import write_image_folder
+from tests.server.conftest import ServerThread
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_embed_cli_on_a_folder(
+    server: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = write_image_folder(tmp_path / "imgs", per_class=3, size=40, ext="jpg")
+    extra = write_image_folder(tmp_path / "more", per_class=1, size=24, ext="png", classes=("x",))
+    out = tmp_path / "out" / "emb.npy"
+    code = simclr(
+        [
+            "embed",
+            "--target",
+            server.target,
+            "--output",
+            str(out),
+            "--batch",
+            "4",
+            "--concurrency",
+            "2",
+            "--kind",
+            "projection",
+            "--normalize",
+            "--no-progress",
+            str(folder),
+            str(extra / "x" / "0000.png"),
+        ]
+    )
+    assert code == 0
+    paths = [*list_images(folder), extra / "x" / "0000.png"]
+    assert (out.parent / "emb.npy.paths.txt").read_text().splitlines() == [str(p) for p in paths]
+    got = np.load(out)
+    assert got.shape == (10, 32) and got.dtype == np.float32
+    with EmbeddingClient(server.target) as client:
+        want = client.embed(paths, kind="projection", normalize=True)
+        version = client.model_info()["model_version"]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    printed = capsys.readouterr().out
+    assert "N=10" in printed and "D=32" in printed and version in printed
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "emb.npy",
+        "emb.npy.paths.txt",
+    ]  # no temp files
+
+
+def test_embed_cli_errors(
+    server: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = write_image_folder(tmp_path / "imgs", per_class=2, size=32, classes=("a",))
+    (folder / "a" / "0001.png").write_bytes(b"broken")
+    out = tmp_path / "o.npy"
+    assert (
+        simclr(
+            ["embed", "--target", server.target, "--output", str(out), "--no-progress", str(folder)]
+        )
+        == 1
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "0001.png" in err and "INVALID_ARGUMENT" in err
+    assert not out.exists()
+    assert simclr(["embed", "--target", server.target, str(tmp_path / "missing")]) == 1
+    assert "no such file or folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        simclr(["embed", "--target", server.target, "--batch", "0", str(folder)])
+    assert exit_.value.code == 2 and "--batch" in capsys.readouterr().err
+
+
+def test_serve_bad_flags_exit_2(capsys: pytest.CaptureFixture[str], tiny_onnx: Path) -> None:
+    for flags, named in (
+        (["--max-batch-size", "0"], "--max-batch-size"),
+        (["--tls-cert", "c.pem"], "--tls-key"),
+        (["--device", "tpu"], "--device"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            simclr(["serve", "--model", str(tiny_onnx), *flags])
+        assert exit_.value.code == 2
+        assert named in capsys.readouterr().err
+
+
+def _run_server(*args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "server", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_missing_model_exits_1(tmp_path: Path) -> None:
+    proc = _run_server("--model", str(tmp_path / "nope.onnx"), "--port", "0")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert err.strip().splitlines()[-1].startswith("error: model file not found")
+
+
+def test_device_cuda_without_a_gpu_exits_1(tiny_onnx: Path) -> None:
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        pytest.skip("this machine has an NVIDIA driver")
+    except OSError:
+        pass
+    proc = _run_server("--model", str(tiny_onnx), "--port", "0", "--device", "cuda")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert re.search(r"^error: --device cuda: no NVIDIA driver", err, re.MULTILINE)
+
+
+def test_sigterm_drains_the_request_in_flight_then_exits_0(tiny_onnx: Path) -> None:
+    proc = _run_server(
+        "--model",
+        str(tiny_onnx),
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--device",
+        "cpu",
+        "--max-batch-size",
+        "8",
+        "--grace-s",
+        "60",
+    )
+    lines: list[str] = []
+    reader = threading.Thread(
+        target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True
+    )  # type: ignore[union-attr]
+    reader.start()
+    try:
+        port = metrics_port = None
+        for _ in range(600):
+            text = "".join(lines)
+            found, found_metrics = (
+                re.search(r"SERVING on 127\.0\.0\.1:(\d+)", text),
+                re.search(r"metrics on http://127\.0\.0\.1:(\d+)", text),
+            )
+            if found and found_metrics:
+                port, metrics_port = int(found.group(1)), int(found_metrics.group(1))
+                break
+            assert proc.poll() is None, text
+            time.sleep(0.1)
+        assert port, "".join(lines)
+        stub = pb_grpc.EmbeddingServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8).tobytes()
+        image = pb.Image(raw=pb.RawImage(pixels=pixels, height=64, width=64, channels=3))
+        in_flight = stub.Embed.future(
+            pb.EmbedRequest(images=[image] * 1000), timeout=120
+        )  # 125 batches
+        for _ in range(600):  # SIGTERM once its first batches have run, long before the last
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{metrics_port}/metrics", timeout=10
+            ) as r:
+                m = re.search(r"^simclr_batch_size_count (\S+)", r.read().decode(), re.MULTILINE)
+            if m and float(m.group(1)) >= 3:  # the warm-up does not count: it bypasses the batcher
+                break
+            time.sleep(0.02)
+        assert not in_flight.done()  # really in flight when the signal arrives
+        proc.send_signal(signal.SIGTERM)
+        response = in_flight.result(timeout=120)
+        assert len(response.embeddings) == 1000 and response.dimension == 512
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join(10)
+    text = "".join(lines)
+    assert "draining" in text and "stopped" in text
+
+
+def test_server_never_imports_torch() -> None:
+    code = (
+        "import sys\n"
+        "import server.app, server.cli, server.client, server.embed_cli, server.runtime\n"
+        "bad = sorted(m for m in ('torch', 'torchvision', 'training', 'export') if m in sys.modules)\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
