@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: test lint proto bench venv clean
+.PHONY: test lint proto bench venv clean demo docker bench-gpu
 
 venv: $(STAMP)
 
@@ -22,6 +22,26 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/hadolint Dockerfile
+	for f in deploy/slurm/train.sbatch deploy/torchrun-multinode.sh bench/gpu_check.sh; do bash -n $$f || exit 1; done
+
+# The main job end to end on the bundled sample data (train → export → serve → embed → report).
+# `make demo DATA=/path/to/images` runs it on your folder; DEMO_ARGS passes more flags
+# (python -m simclr_embed.demo --help). Artifacts go to runs/demo (replaced on each run).
+DATA ?=
+DEMO_ARGS ?=
+demo: $(STAMP)
+	$(PY) -m simclr_embed.demo $(if $(DATA),--data "$(DATA)") $(DEMO_ARGS)
+
+# Both images (needs a Docker engine with BuildKit; see README "Docker").
+docker:
+	@command -v docker >/dev/null || { echo "make docker: no 'docker' command on this machine" >&2; exit 1; }
+	docker build --target serve -t simclr-embed:serve .
+	docker build --target train -t simclr-embed:train .
+
+# On a CUDA machine with the venv already in place: training step, ORT CUDA, serving, fp16 export.
+bench-gpu: $(STAMP)
+	bash bench/gpu_check.sh
 
 # Regenerate the committed gRPC stubs from proto/ (tests check they are current).
 proto: $(STAMP)

@@ -1,0 +1,256 @@
+"""``make demo`` / ``python -m simclr_embed.demo``: the whole product, end to end, in minutes.
+
+1. data: the bundled synthetic sample set (``simclr_embed.sample_data``) generated into
+   ``OUT/data``, or ``--data DIR`` (``make demo DATA=DIR``);
+2. ``simclr train`` a small SimCLR (resnet18 at 32 px, standard stem: CPU-friendly; ``--device
+   auto`` so a GPU is used when there is one);
+3. ``simclr export-onnx`` (parity check on) → ``OUT/model.onnx``; the same architecture untrained
+   (same seed, step 0) → ``OUT/untrained.onnx``;
+4. for each model: ``simclr serve`` on a free loopback port, wait for health SERVING, ``simclr
+   embed`` every image → ``OUT/embeddings/*.npy``, measure served images/s, SIGTERM (exit 0);
+5. report: images/s, embedding dimension, kNN label agreement trained vs untrained (labeled data
+   only: ``DIR/<class>/...``; labels are never shown to training).
+
+Every stage runs as its real CLI in a subprocess, exactly as a user would type it (the commands
+are printed). A rerun overwrites ``OUT``. Servers are stopped in ``finally`` even when a step fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from simclr_embed.demo_steps import run_simclr, serve_and_embed, write_untrained_checkpoint
+from simclr_embed.errors import SimclrError
+from simclr_embed.fileio import atomic_write_text
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    out: Path = Path("runs/demo")
+    data: Path | None = None  # None: generate the sample set into OUT/data
+    per_class: int = 100
+    sample_size: int = 64
+    arch: str = "resnet18"
+    image_size: int = 32
+    stem: str = "standard"
+    steps: int = 300
+    batch_size: int = 128
+    lr: float = 0.3
+    temperature: float = 0.2
+    color_strength: float = 0.5
+    workers: int = 2
+    device: str = "auto"
+    seed: int = 0
+    k: int = 20
+    startup_timeout_s: float = 180.0
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    d = DemoConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m simclr_embed.demo", description=__doc__.split("\n")[0]
+    )
+    p.add_argument(
+        "--out", type=Path, default=d.out, help=f"artifacts folder (overwritten) [{d.out}]"
+    )
+    p.add_argument(
+        "--data", type=Path, default=None, help="your image folder [generated sample set]"
+    )
+    p.add_argument("--per-class", type=int, default=d.per_class, help="sample images per class")
+    p.add_argument("--sample-size", type=int, default=d.sample_size, help="sample image side (px)")
+    p.add_argument("--arch", default=d.arch, help=f"ResNet to train [{d.arch}]")
+    p.add_argument("--image-size", type=int, default=d.image_size, help="training size (px)")
+    p.add_argument("--stem", choices=("small", "standard"), default=d.stem, help="ResNet stem")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"training steps [{d.steps}]")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch")
+    p.add_argument("--lr", type=float, default=d.lr, help="base lr per 256 images (LARS)")
+    p.add_argument("--temperature", type=float, default=d.temperature, help="NT-Xent temperature")
+    p.add_argument("--color-strength", type=float, default=d.color_strength, help="jitter strength")
+    p.add_argument("--workers", type=int, default=d.workers, help="DataLoader workers")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device, help="[auto]")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed for data, init and training")
+    p.add_argument("--k", type=int, default=d.k, help="neighbours for the kNN report")
+    return p
+
+
+MARKER = ".simclr-demo"
+
+
+def prepare_out(out: Path, data: Path | None) -> None:
+    """Empty ``out`` for a fresh run, but only a folder an earlier demo made (never user data)."""
+    if data is not None and out.resolve() in (data.resolve(), *data.resolve().parents):
+        raise SimclrError(f"--out {out} contains --data {data}; choose another --out")
+    if out.exists():
+        if not (out / MARKER).exists() and any(out.iterdir()):
+            raise SimclrError(f"--out {out} exists and was not made by the demo; choose another")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / MARKER).write_text("made by python -m simclr_embed.demo; deleted on rerun\n")
+
+
+def format_report(
+    cfg: DemoConfig, data: Path, train: dict, runs: dict[str, dict], wall_s: float
+) -> str:
+    t, u = runs["trained"], runs["untrained"]
+    lines = [
+        "",
+        "=" * 72,
+        "simclr-embed demo report",
+        "=" * 72,
+        f"data            {data}  ({t['n']} images)",
+        f"training        {cfg.arch} @ {cfg.image_size} px, {train['steps']} steps × batch "
+        f"{train['batch_size']} on {train['device']}, {train['seconds']:.0f} s",
+        f"served          {t['images_per_s']:.0f} images/s (trained model, in-process client, "
+        f"{t['n']} images; providers {', '.join(t['providers'])})",
+        f"embedding       features, dimension {t['dim']} (model {t['version']})",
+    ]
+    if t["knn"] is not None and u["knn"] is not None:
+        k = t["knn"]
+        lines += [
+            f"kNN agreement   k={cfg.k} cosine, {k['queries']} queries vs {k['bank']} labeled "
+            f"neighbours, {k['classes']} classes",
+            f"  trained       {100 * k['top1']:5.1f} %",
+            f"  untrained     {100 * u['knn']['top1']:5.1f} %   (same architecture, step 0)",
+            f"  chance        {100 * k['chance']:5.1f} %",
+        ]
+    else:
+        lines.append("kNN agreement   skipped: the data has no class subfolders (unlabeled)")
+    lines += [
+        f"servers         stopped with SIGTERM: exit codes {t['server_exit_code']}, "
+        f"{u['server_exit_code']}",
+        "artifacts",
+        f"  checkpoint    {cfg.out / 'train' / 'checkpoints' / 'last.pt'}",
+        f"  TensorBoard   {cfg.out / 'train' / 'tb'}",
+        f"  ONNX          {t['model']}   (untrained: {u['model']})",
+        f"  embeddings    {t['embeddings']} (+ .paths.txt)   (untrained: {u['embeddings']})",
+        f"  server logs   {cfg.out / 'logs'}",
+        f"  report        {cfg.out / 'report.json'}",
+        f"wall time       {wall_s:.0f} s",
+        "=" * 72,
+    ]
+    return "\n".join(lines)
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    t_start = time.perf_counter()
+    out = cfg.out
+    prepare_out(out, cfg.data)
+    if cfg.data is None:
+        from simclr_embed.sample_data import CLASSES, generate
+
+        data = out / "data"
+        print(
+            f"generating the sample data set: {len(CLASSES)} classes × {cfg.per_class} images, "
+            f"{cfg.sample_size} px → {data}",
+            flush=True,
+        )
+        generate(data, per_class=cfg.per_class, size=cfg.sample_size, seed=cfg.seed)
+    else:
+        data = cfg.data
+        if not data.is_dir():
+            raise SimclrError(f"--data {data}: not a folder")
+    from simclr_embed.imageio import list_images
+
+    n_images = len(list_images(data))
+    if n_images < 16:
+        raise SimclrError(f"--data {data}: {n_images} images; the demo needs at least 16")
+    batch = min(cfg.batch_size, n_images)  # the loader drops a last partial batch
+
+    run = out / "train"
+    t0 = time.perf_counter()
+    run_simclr(
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "--arch",
+        cfg.arch,
+        "--image-size",
+        str(cfg.image_size),
+        "--stem",
+        cfg.stem,
+        "--max-steps",
+        str(cfg.steps),
+        "--batch-size",
+        str(batch),
+        "--lr",
+        str(cfg.lr),
+        "--warmup-steps",
+        str(cfg.steps // 10),
+        "--temperature",
+        str(cfg.temperature),
+        "--color-strength",
+        str(cfg.color_strength),
+        "--workers",
+        str(cfg.workers),
+        "--device",
+        cfg.device,
+        "--seed",
+        str(cfg.seed),
+        "--checkpoint-every",
+        str(cfg.steps),
+        "--keep-checkpoints",
+        "0",
+        "--log-every",
+        "50",
+    )
+    resolved = json.loads((run / "config.json").read_text())
+    train = {
+        "steps": cfg.steps,
+        "batch_size": batch,
+        "seconds": time.perf_counter() - t0,
+        "device": resolved.get("device_type", cfg.device),
+    }
+
+    last = run / "checkpoints" / "last.pt"
+    untrained_ckpt = write_untrained_checkpoint(last, out / "untrained" / "checkpoints" / "last.pt")
+    print(f"\nwrote the untrained (step 0) checkpoint {untrained_ckpt}", flush=True)
+    model, untrained = out / "model.onnx", out / "untrained.onnx"
+    run_simclr("export-onnx", "--checkpoint", str(last), "--output", str(model))
+    run_simclr(
+        "export-onnx",
+        "--checkpoint",
+        str(untrained_ckpt),
+        "--output",
+        str(untrained),
+        "--no-verify",
+    )
+
+    serve = {"device": cfg.device, "k": cfg.k, "startup_timeout_s": cfg.startup_timeout_s}
+    runs = {
+        "trained": serve_and_embed("trained", model, data, out, **serve),
+        "untrained": serve_and_embed("untrained", untrained, data, out, **serve),
+    }
+    wall = time.perf_counter() - t_start
+    report = {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "data": str(data),
+        "train": train,
+        "runs": runs,
+        "wall_s": wall,
+    }
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    print(format_report(cfg, data, train, runs, wall), flush=True)
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    cfg = DemoConfig(**vars(args))
+    if cfg.steps < 1 or cfg.batch_size < 2 or cfg.per_class < 1:
+        get_args_parser().error("--steps, --per-class must be >= 1 and --batch-size >= 2")
+    run_demo(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    from simclr_embed.cli import run_main
+
+    raise SystemExit(run_main(main))
