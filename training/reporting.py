@@ -102,10 +102,9 @@ class Reporter:
         """Collect every rank's unreadable files on rank 0; log the run's total so far."""
         if dist.world_size() > 1:
             everyone: set[str] = set()
-            for src in range(dist.world_size()):
-                everyone |= dist.broadcast_object(
-                    sorted(self.bad_files) if dist.rank() == src else None, src
-                )
+            for src in range(dist.world_size()):  # a few small objects once per epoch
+                mine = sorted(self.bad_files) if dist.rank() == src else None
+                everyone.update(dist.broadcast_object(mine, src))
             for f in sorted(everyone - self.bad_files):
                 logger.warning("skipping unreadable image %s (seen by another rank)", f)
             self.bad_files |= everyone

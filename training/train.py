@@ -208,10 +208,11 @@ def _run(cfg: TrainConfig, device: torch.device) -> None:
             len(missing),
             len(unexpected),
         )
-    if world > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(
-            model
-        )  # BN statistics over the global batch
+    if world > 1 and cuda:
+        # BatchNorm statistics over the global batch (the paper's "global BN").
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif world > 1:  # torch's SyncBatchNorm is CUDA-only (DDP refuses it on CPU)
+        logger.warning("SyncBatchNorm needs CUDA: on CPU each process normalizes its own batch")
     model.to(device)
     if cuda:
         model.to(memory_format=torch.channels_last)
