@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from simclr_embed.errors import SimclrError
+
 log = logging.getLogger(__name__)
 
 TRITON_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -37,7 +39,7 @@ class ExportConfig:
     calibration_data: Path | None = None
     calibration_images: int = 64
     verify: bool = True
-    exporter: str = "dynamo"
+    exporter: str = "auto"  # auto | dynamo | torchscript
     triton_repo: Path | None = None
     triton_name: str = "simclr"
     triton_max_batch: int = 32
@@ -93,9 +95,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--exporter",
-        choices=["dynamo", "torchscript"],
-        default="dynamo",
-        help="torch.onnx exporter (dynamo: torch.export + onnxscript)",
+        choices=["auto", "dynamo", "torchscript"],
+        default="auto",
+        help="torch.onnx exporter; auto: dynamo (torch.export + onnxscript) for opset >= 18, "
+        "TorchScript for opset 17",
     )
     p.add_argument(
         "--triton-repo",
@@ -162,6 +165,10 @@ def _export(cfg: ExportConfig) -> dict[str, Any]:
             seed=cfg.seed,
         )
     from export.quantize import quantize_model
+
+    if cfg.calibration_data is not None and not cfg.calibration_data.is_dir():
+        # Checked before the (slow) export so a typo costs nothing.
+        raise SimclrError(f"calibration folder not found: {cfg.calibration_data}")
 
     # int8 starts from the (verified) fp32 export, kept in a scratch folder next to nothing.
     with tempfile.TemporaryDirectory(prefix="simclr-export-") as scratch:
