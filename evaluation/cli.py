@@ -42,12 +42,24 @@ class EvalConfig:
     k: int = 20
     knn_temperature: float = 0.07
     probe_epochs: int = 300
-    probe_l2: float = 1e-3
+    probe_l2: float | None = None  # None: chosen on a held-out part of --train
     image_size: int = 32
     batch_size: int = 256
     workers: int = 4
     device: str = "auto"
     json: str | None = None
+
+
+def _l2(text: str) -> float | None:
+    if text == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -75,7 +87,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="full-batch L-BFGS iterations of the linear probe; 0 skips it [300]",
     )
     p.add_argument(
-        "--probe-l2", type=float, default=1e-3, help="L2 penalty of the probe weights [1e-3]"
+        "--probe-l2",
+        type=_l2,
+        default=None,
+        metavar="L2|auto",
+        help="L2 penalty of the probe weights; auto picks one of 1, 0.1, ..., 1e-4 by top-1 on "
+        "a held-out fifth of --train [auto]",
     )
     p.add_argument(
         "--image-size",
@@ -107,7 +124,6 @@ def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
         (args.k >= 1, "--k must be >= 1"),
         (args.knn_temperature > 0, "--knn-temperature must be > 0"),
         (args.probe_epochs >= 0, "--probe-epochs must be >= 0"),
-        (args.probe_l2 >= 0, "--probe-l2 must be >= 0"),
         (args.image_size >= 1, "--image-size must be >= 1"),
         (args.batch_size >= 1, "--batch-size must be >= 1"),
         (args.workers >= 1, "--workers must be >= 1"),
@@ -174,7 +190,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             "train_loss": probe.train_loss,
             "iterations": probe.iterations,
             "max_iterations": cfg.probe_epochs,
-            "l2": cfg.probe_l2,
+            "l2": probe.l2,
+            "l2_auto": cfg.probe_l2 is None,
+            "l2_heldout_top1": {f"{k:g}": v for k, v in probe.l2_scores.items()},
             "seconds": round(time.perf_counter() - t1, 3),
         }
     return report
@@ -202,7 +220,8 @@ def format_report(r: dict[str, Any]) -> str:
             (
                 "probe top-1",
                 f"{100 * p['top1']:6.2f}%  (train {100 * p['train_top1']:.2f}%, "
-                f"L-BFGS {p['iterations']} it, l2={p['l2']:g})",
+                f"L-BFGS {p['iterations']} it, l2={p['l2']:g}"
+                f"{' auto' if p['l2_auto'] else ''})",
             )
         )
     rows.append(("chance", f"{100 * r['chance']:6.2f}%"))

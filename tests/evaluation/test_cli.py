@@ -107,6 +107,8 @@ def test_pixels_separate_colour_classes_and_shuffled_labels_give_chance(tmp_path
         ["--model", "model.bin"],
         ["--device", "tpu"],
         ["--knn-temperature", "0"],
+        ["--probe-l2", "-1"],
+        ["--probe-l2", "strong"],
     ],
 )
 def test_bad_flags_exit_2_naming_the_flag(

@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from evaluation.probe import fit_linear, linear_probe, standardize
+from evaluation.probe import (
+    DEFAULT_L2_GRID,
+    fit_linear,
+    holdout_split,
+    linear_probe,
+    standardize,
+)
 
 
 def test_standardize_uses_train_statistics() -> None:
@@ -57,3 +63,41 @@ def test_shuffled_labels_give_about_chance_and_no_gradient_reaches_features() ->
     result = linear_probe(train, labels, query, qlabels, 5, iterations=100)
     assert 0.16 < result.top1 < 0.24  # chance 0.20
     assert train.grad is None  # frozen features: the probe never back-propagates into them
+
+
+def test_warm_start_reaches_the_same_optimum() -> None:
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(200, 8, generator=g), torch.randint(0, 3, (200,), generator=g)
+    cold, cold_loss, _ = fit_linear(x, y, 3, iterations=500, l2=1e-2)
+    start, _, _ = fit_linear(x, y, 3, iterations=500, l2=1.0)
+    warm, warm_loss, _ = fit_linear(x, y, 3, iterations=500, l2=1e-2, init=start)
+    assert abs(cold_loss - warm_loss) < 1e-6
+    assert torch.allclose(cold.weight, warm.weight, atol=1e-3)
+
+
+def test_holdout_split_is_stratified_and_disjoint() -> None:
+    labels = torch.tensor([0] * 10 + [1] * 5 + [2] * 20)[torch.randperm(35)]
+    fit, held = holdout_split(labels)
+    assert sorted(torch.cat([fit, held]).tolist()) == list(range(35))
+    assert torch.bincount(labels[held], minlength=3).tolist() == [2, 1, 4]
+    assert torch.equal(holdout_split(labels)[1], held)  # deterministic
+
+
+def test_auto_l2_picks_the_best_held_out_value() -> None:
+    # 2 informative dimensions buried in 300 noise dimensions, few samples: a weak penalty
+    # overfits the noise, so the held-out choice must be a strong one, and it must be the argmax
+    # of the scores it reports.
+    g = torch.Generator().manual_seed(5)
+    y = torch.randint(0, 2, (150,), generator=g)
+    x = torch.randn(150, 302, generator=g)
+    x[:, :2] += (y[:, None].float() * 2 - 1) * 1.0
+    yq = torch.randint(0, 2, (400,), generator=g)
+    xq = torch.randn(400, 302, generator=g)
+    xq[:, :2] += (yq[:, None].float() * 2 - 1) * 1.0
+    auto = linear_probe(x, y, xq, yq, 2, iterations=200)
+    assert set(auto.l2_scores) == set(DEFAULT_L2_GRID)
+    assert auto.l2_scores[auto.l2] == max(auto.l2_scores.values())
+    assert auto.l2 >= 0.1
+    weak = linear_probe(x, y, xq, yq, 2, iterations=200, l2=1e-4)
+    assert weak.l2_scores == {} and weak.train_top1 == 1.0  # memorizes the noise
+    assert auto.top1 >= weak.top1
