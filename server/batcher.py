@@ -128,6 +128,10 @@ class DynamicBatcher:
     def inflight_batches(self) -> int:
         return len(self._running)
 
+    def has_room(self, n: int) -> bool:
+        """Whether ``n`` more images would fit now (lets callers refuse before costly work)."""
+        return self._queued + n <= self.max_queue
+
     def start(self) -> None:
         """Start the collector task on the running loop."""
         if self._collector is not None:

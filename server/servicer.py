@@ -146,6 +146,12 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 f"request has {n} images, at most {limit} per request "
                 f"(--max-request-images/--max-queue); send several requests",
             )
+        if not backend.batcher.has_room(n):  # overloaded: refuse before spending decode time
+            raise RpcFailure(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"queue full: {backend.batcher.queued_images} of {backend.batcher.max_queue} "
+                f"images waiting, {n} more do not fit; retry later",
+            )
         images = await self._decode(request.images, backend.preprocessor)  # [n, S, S, 3]
         remaining = context.time_remaining()
         loop = asyncio.get_running_loop()

@@ -1,0 +1,410 @@
+"""Serving benchmark: closed-loop load on `simclr serve` beside two references, in one run.
+
+    .venv/bin/python bench/serve.py                                   # resnet18 @ 64 px, CPU
+    .venv/bin/python bench/serve.py --arch resnet50 --image-size 224
+    .venv/bin/python bench/serve.py --device cuda --clients 1 32 128  # on a GPU host
+
+What runs (all on 127.0.0.1, every loop bounded by --seconds):
+  server  `python -m server` in its own process; C closed-loop clients (grpc.aio, one coroutine
+          each, one 640×480 JPEG per request) for each C in --clients: img/s, p50/p95/p99 latency,
+          mean model batch size (from the server's own /metrics).
+  P1      a tight in-process loop: decode + preprocess (the server's own Preprocessor) +
+          session.run at the server's mean batch size. Goal: server >= 0.90 × P1.
+  P2      a naive gRPC server (same proto, same decode, same session options) that calls
+          session.run once per RPC with no batching, under the largest C. Goal: server >= 1.5 × P2
+          (resnet18 @ 64 px, CPU), >= 1.0 × (resnet50 @ 224), >= 5 × on a GPU.
+  P3      p50 latency with 1 client <= model time at batch 1 + max delay + 2 ms.
+
+The model is a freshly initialized SimCLR checkpoint exported by the real exporter (cached in
+runs/bench-serve/). This script imports torch to build it; the server processes never do.
+Photos: scikit-image's bundled sample photos (`pip install -e '.[bench]'`), else synthesized.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import importlib.util
+import io
+import os
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from server.images import Preprocessor  # noqa: E402
+from server.pb.simclr.v1 import embedding_pb2 as pb  # noqa: E402
+from server.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc  # noqa: E402
+
+SKIMAGE_PHOTOS = (
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "rocket.jpg",
+    "motorcycle_left.png",
+    "hubble_deep_field.jpg",
+    "ihc.png",
+    "retina.jpg",
+    "grass.png",
+    "brick.png",
+)
+
+
+# -- inputs -----------------------------------------------------------------------------------
+
+
+def build_model(arch: str, size: int, out_dir: Path) -> Path:
+    """A freshly initialized SimCLR model at ``size`` px, exported to ONNX (cached)."""
+    out = out_dir / f"{arch}-{size}.onnx"
+    if out.exists():
+        return out
+    import torch
+
+    from export.onnx_export import export_checkpoint
+    from training.checkpoint import FORMAT
+    from training.model import SimCLRModel, default_stem
+
+    torch.manual_seed(0)
+    cfg = {
+        "arch": arch,
+        "stem": default_stem(size),
+        "image_size": size,
+        "proj_dim": 128,
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+    }
+    model = SimCLRModel(arch, cfg["stem"], 128)
+    ckpt = out_dir / f"{arch}-{size}.pt"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {"format": FORMAT, "model": model.state_dict(), "config": cfg, "step": 0, "epoch": 0}, ckpt
+    )
+    export_checkpoint(ckpt, out, verify=False)
+    return out
+
+
+def load_photos(n: int, width: int = 640, height: int = 480) -> tuple[list[bytes], str]:
+    """``n`` distinct JPEGs (quality 90) of ``width``×``height``: crops of real sample photos."""
+    spec = importlib.util.find_spec("skimage")
+    sources: list[Image.Image] = []
+    if spec and spec.submodule_search_locations:
+        data = Path(next(iter(spec.submodule_search_locations))) / "data"
+        sources = [
+            Image.open(data / name).convert("RGB")
+            for name in SKIMAGE_PHOTOS
+            if (data / name).exists()
+        ]
+    origin = f"scikit-image sample photos ({len(sources)})" if sources else "synthesized"
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        if sources:
+            src = sources[i % len(sources)]
+            scale = max(width / src.width, height / src.height) * rng.uniform(1.0, 1.5)
+            big = src.resize(
+                (round(src.width * scale) + 1, round(src.height * scale) + 1),
+                Image.Resampling.BICUBIC,
+            )
+            x, y = rng.integers(0, big.width - width + 1), rng.integers(0, big.height - height + 1)
+            img = big.crop((x, y, x + width, y + height))
+        else:  # smooth fields plus noise: compresses like a photo, unlike pure noise
+            yy, xx = np.mgrid[0:height, 0:width] / max(width, height)
+            chans = [
+                np.sin(2 * np.pi * (rng.uniform(1, 5) * xx + rng.uniform(1, 5) * yy))
+                for _ in range(3)
+            ]
+            arr = 128 + 100 * np.stack(chans, 2) + rng.normal(0, 12, (height, width, 3))
+            img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out, origin
+
+
+# -- servers ----------------------------------------------------------------------------------
+
+
+def start_process(
+    cmd: list[str], ready: str
+) -> tuple[subprocess.Popen[str], re.Match[str], list[str]]:
+    """Start ``cmd``; wait for a stderr line matching ``ready``; keep reading stderr in a thread."""
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    lines: list[str] = []
+    threading.Thread(
+        target=lambda: lines.extend(iter(proc.stderr.readline, "")),  # type: ignore[union-attr]
+        daemon=True,
+    ).start()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        match = re.search(ready, "".join(lines))
+        if match:
+            return proc, match, lines
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"{cmd[:4]} did not start:\n{''.join(lines)[-3000:]}")
+
+
+def stop_process(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def naive_server(model: str, device: str, port: int, workers: int) -> int:
+    """P2: one session.run per RPC, no batching; a thread per concurrent RPC."""
+    import grpc
+
+    from server.runtime import OnnxRuntime
+
+    runtime = OnnxRuntime(model, device=device, max_batch_size=1)
+    runtime.warm_up()
+    pre = Preprocessor(runtime.info.image_size, runtime.info.resize)
+
+    class Naive(pb_grpc.EmbeddingServiceServicer):
+        def Embed(
+            self, request: pb.EmbedRequest, context: grpc.ServicerContext
+        ) -> pb.EmbedResponse:
+            batch = np.stack([pre.from_encoded(im.encoded) for im in request.images])
+            vectors = runtime.encode(batch)["features"]
+            return pb.EmbedResponse(
+                embeddings=[pb.Embedding(values=v) for v in vectors.tolist()],
+                kind=pb.EMBEDDING_KIND_FEATURES,
+                dimension=vectors.shape[1],
+            )
+
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(workers))
+    pb_grpc.add_EmbeddingServiceServicer_to_server(Naive(), server)
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    print(f"NAIVE SERVING on 127.0.0.1:{bound}", file=sys.stderr, flush=True)
+    server.wait_for_termination()
+    return 0
+
+
+# -- load -------------------------------------------------------------------------------------
+
+
+async def closed_loop(
+    target: str, photos: list[bytes], clients: int, seconds: float, warmup_s: float = 1.0
+) -> dict[str, float]:
+    """``clients`` coroutines, each sending one image per request back to back, for ``seconds``."""
+    import grpc
+
+    requests = [pb.EmbedRequest(images=[pb.Image(encoded=p)]) for p in photos]
+    latencies: list[float] = []
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.EmbeddingServiceStub(channel)
+        start = time.perf_counter()
+        measure_from, stop_at = start + warmup_s, start + warmup_s + seconds
+
+        async def client(k: int) -> None:
+            i = k
+            while True:
+                t0 = time.perf_counter()
+                if t0 >= stop_at:
+                    return
+                await stub.Embed(requests[i % len(requests)], timeout=60)
+                if t0 >= measure_from:
+                    latencies.append(time.perf_counter() - t0)
+                i += clients
+
+        await asyncio.gather(*(client(k) for k in range(clients)))
+    lat = np.array(latencies) * 1e3
+    return {
+        "img_s": len(lat) / seconds,
+        "p50": float(np.percentile(lat, 50)),
+        "p95": float(np.percentile(lat, 95)),
+        "p99": float(np.percentile(lat, 99)),
+        "n": len(lat),
+    }
+
+
+def scrape_batches(metrics_port: int) -> tuple[float, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+
+    def value(name: str) -> float:
+        m = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+        return float(m.group(1)) if m else 0.0
+
+    return value("simclr_batch_size_sum"), value("simclr_batch_size_count")
+
+
+def in_process(
+    model: Path, device: str, photos: list[bytes], batch: int, seconds: float
+) -> tuple[float, float]:
+    """P1 img/s (decode + preprocess + run, one thread, ``batch`` per run) and model ms at batch 1."""
+    from server.runtime import OnnxRuntime
+
+    runtime = OnnxRuntime(model, device=device, max_batch_size=max(batch, 1))
+    runtime.warm_up()
+    pre = Preprocessor(runtime.info.image_size, runtime.info.resize)
+    one = np.stack([pre.from_encoded(photos[0])])
+    times = []
+    for _ in range(50):
+        t0 = time.perf_counter()
+        runtime.encode(one)
+        times.append(time.perf_counter() - t0)
+    model_ms = 1e3 * statistics.median(times)
+    done, i, t_end = 0, 0, time.perf_counter() + seconds
+    t0 = time.perf_counter()
+    while time.perf_counter() < t_end:
+        arr = np.stack([pre.from_encoded(photos[(i + k) % len(photos)]) for k in range(batch)])
+        runtime.encode(arr)
+        done, i = done + batch, i + batch
+    return done / (time.perf_counter() - t0), model_ms
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument(
+        "--model", type=Path, default=None, help="use this .onnx instead of building one"
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per load phase")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-delay-ms", type=float, default=2.0)
+    p.add_argument("--photos", type=int, default=64, help="distinct JPEGs cycled through")
+    p.add_argument("--server-args", default="", help="extra flags for `python -m server`")
+    p.add_argument("--naive-server", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--workers", type=int, default=32, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.naive_server:
+        return naive_server(str(args.model), args.device, args.port, args.workers)
+    if args.seconds <= 0 or args.seconds > 120 or max(args.clients) > 512:
+        p.error("--seconds must be in (0, 120] and --clients at most 512 (bounded load)")
+
+    model = args.model or build_model(args.arch, args.image_size, REPO / "runs" / "bench-serve")
+    photos, origin = load_photos(args.photos)
+    print(
+        f"model {model.name}, device {args.device}, {len(photos)} JPEGs 640x480 "
+        f"(~{np.mean([len(x) for x in photos]) / 1e3:.0f} kB, {origin}), {os.cpu_count()} CPUs, "
+        f"{args.seconds:.0f} s per phase",
+        flush=True,
+    )
+
+    rows: list[tuple[str, int | str, dict[str, float], float | None]] = []
+    cmd = [
+        sys.executable,
+        "-m",
+        "server",
+        "--model",
+        str(model),
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--device",
+        args.device,
+        "--max-batch-size",
+        str(args.max_batch_size),
+        "--max-delay-ms",
+        str(args.max_delay_ms),
+        "--log-level",
+        "info",
+        *args.server_args.split(),
+    ]
+    proc, m, _ = start_process(
+        cmd, r"metrics on http://127\.0\.0\.1:(\d+)(?s:.*)SERVING on 127\.0\.0\.1:(\d+)"
+    )
+    metrics_port, port = int(m.group(1)), int(m.group(2))
+    try:
+        for c in args.clients:
+            before = scrape_batches(metrics_port)
+            stats = asyncio.run(closed_loop(f"127.0.0.1:{port}", photos, c, args.seconds))
+            after = scrape_batches(metrics_port)
+            mean_batch = (after[0] - before[0]) / max(after[1] - before[1], 1)
+            rows.append(("simclr serve", c, stats, mean_batch))
+            print(
+                f"  server  C={c:<3d} {stats['img_s']:7.1f} img/s  p50 {stats['p50']:6.1f} ms  "
+                f"p99 {stats['p99']:6.1f} ms  batch {mean_batch:.1f}",
+                flush=True,
+            )
+    finally:
+        stop_process(proc)
+
+    c_max = max(args.clients)
+    naive_cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--naive-server",
+        "--model",
+        str(model),
+        "--device",
+        args.device,
+        "--workers",
+        str(c_max),
+    ]
+    proc, m, _ = start_process(naive_cmd, r"NAIVE SERVING on 127\.0\.0\.1:(\d+)")
+    try:
+        naive = asyncio.run(closed_loop(f"127.0.0.1:{m.group(1)}", photos, c_max, args.seconds))
+        rows.append(("naive server (P2)", c_max, naive, 1.0))
+        print(
+            f"  naive   C={c_max:<3d} {naive['img_s']:7.1f} img/s  p50 {naive['p50']:6.1f} ms",
+            flush=True,
+        )
+    finally:
+        stop_process(proc)
+
+    served = next(r for r in rows if r[0] == "simclr serve" and r[1] == c_max)
+    p1_batch = max(1, round(served[3] or 1))
+    p1, model_ms = in_process(model, args.device, photos, p1_batch, args.seconds)
+    print(
+        f"  P1 in-process batch {p1_batch}: {p1:.1f} img/s; model at batch 1: {model_ms:.2f} ms",
+        flush=True,
+    )
+
+    one = next((r for r in rows if r[0] == "simclr serve" and r[1] == 1), None)
+    print("\n| setup | clients | img/s | p50 ms | p95 ms | p99 ms | mean batch |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, c, s, b in rows:
+        print(
+            f"| {name} | {c} | {s['img_s']:.1f} | {s['p50']:.1f} | {s['p95']:.1f} | "
+            f"{s['p99']:.1f} | {b:.1f} |"
+        )
+    print(f"| in-process loop (P1) | – | {p1:.1f} | | | | {p1_batch} |")
+    print()
+    r1, r2 = served[2]["img_s"] / p1, served[2]["img_s"] / naive["img_s"]
+    print(f"P1: server / in-process = {r1:.2f} (goal >= 0.90)")
+    print(f"P2: server / naive at {c_max} clients = {r2:.2f}")
+    if one is not None:
+        bound = model_ms + args.max_delay_ms + 2.0
+        print(
+            f"P3: p50 with 1 client = {one[2]['p50']:.2f} ms; model@1 + delay + 2 ms = {bound:.2f} ms "
+            f"({'met' if one[2]['p50'] <= bound else 'NOT met'})"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
