@@ -59,7 +59,7 @@ class EmbeddingServer:
             max_request_images=cfg.max_request_images,
         )
         self._health = health.aio.HealthServicer()
-        self._server: grpc.aio.Server | None = None
+        self.grpc_server: grpc.aio.Server | None = None
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -83,7 +83,7 @@ class EmbeddingServer:
         for service in ("", SERVICE_NAME):  # "" = the whole server
             await self._health.set(service, _NOT_SERVING)
         self.port = self._bind(server)
-        self._server = server
+        self.grpc_server = server
         await server.start()
         if cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)
@@ -164,9 +164,9 @@ class EmbeddingServer:
         """Drain: NOT_SERVING, refuse new RPCs, give in-flight ones ``grace`` seconds, clean up."""
         grace = self.cfg.grace_s if grace is None else grace
         await self._health.enter_graceful_shutdown()  # every service NOT_SERVING, for good
-        if self._server is not None:
+        if self.grpc_server is not None:
             # New RPCs are refused from here on; running handlers keep going until `grace`.
-            await self._server.stop(grace)
+            await self.grpc_server.stop(grace)
         self._servicer.drain()
         if self._batcher is not None:
             await self._batcher.stop(timeout=max(grace, 1.0))
@@ -176,18 +176,27 @@ class EmbeddingServer:
 
 
 async def serve(cfg: ServeConfig) -> int:
-    """Run until SIGTERM/SIGINT, then drain; returns the exit code (0)."""
+    """Run until SIGTERM/SIGINT, then drain; a second signal cuts the drain short. Returns 0."""
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop_requested.set)
     server = EmbeddingServer(cfg)
+    forced: list[asyncio.Task[None]] = []  # keeps the task referenced until it is done
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not stop_requested.is_set():
+            log.info("%s: draining (grace %.1f s; signal again to stop now)", sig.name, cfg.grace_s)
+            stop_requested.set()
+        elif server.grpc_server is not None:
+            log.warning("%s again: cancelling in-flight requests", sig.name)
+            forced.append(loop.create_task(server.grpc_server.stop(0)))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         await server.start()
     except BaseException:
         await server.stop(0)
         raise
     await stop_requested.wait()
-    log.info("signal received: draining (grace %.1f s)", cfg.grace_s)
     await server.stop(cfg.grace_s)
     return 0

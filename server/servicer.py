@@ -83,7 +83,6 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     async def Embed(
         self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> pb.EmbedResponse:
-        started = time.perf_counter()
         try:
             response = await self._embed(request, context)
         except RpcFailure as exc:
@@ -100,12 +99,6 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
             )
         self._metrics.request_done("OK", len(request.images))
-        log.debug(
-            "Embed n=%d kind=%d ok in %.1f ms",
-            len(request.images),
-            response.kind,
-            1e3 * (time.perf_counter() - started),
-        )
         return response
 
     async def GetModelInfo(
@@ -152,7 +145,9 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 f"queue full: {backend.batcher.queued_images} of {backend.batcher.max_queue} "
                 f"images waiting, {n} more do not fit; retry later",
             )
+        t0 = time.perf_counter()
         images = await self._decode(request.images, backend.preprocessor)  # [n, S, S, 3]
+        t1 = time.perf_counter()
         remaining = context.time_remaining()
         loop = asyncio.get_running_loop()
         deadline = None if remaining is None else loop.time() + remaining
@@ -164,6 +159,15 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)) from None
         except BatcherStoppedError as exc:
             raise RpcFailure(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "Embed peer=%s n=%d kind=%d decode_ms=%.1f queue+model_ms=%.1f",
+                context.peer(),
+                n,
+                request.kind,
+                1e3 * (t1 - t0),
+                1e3 * (time.perf_counter() - t1),
+            )
         name, kind = _OUTPUT_FOR_KIND[request.kind]
         vectors = outputs[name]  # [n, D] float32
         if request.l2_normalize:

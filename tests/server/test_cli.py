@@ -205,3 +205,17 @@ def test_server_never_imports_torch() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
+
+
+def test_port_in_use_exits_1(tiny_onnx: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert (
+            simclr(["serve", "--model", str(tiny_onnx), "--port", str(port), "--device", "cpu"])
+            == 1
+        )
+    assert f"error: cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
