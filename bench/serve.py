@@ -64,28 +64,29 @@ SKIMAGE_PHOTOS = (
 # -- inputs -----------------------------------------------------------------------------------
 
 
-def build_model(arch: str, size: int, out_dir: Path) -> Path:
+def build_model(arch: str, size: int, stem: str, out_dir: Path) -> Path:
     """A freshly initialized SimCLR model at ``size`` px, exported to ONNX (cached)."""
-    out = out_dir / f"{arch}-{size}.onnx"
-    if out.exists():
-        return out
     import torch
 
     from export.onnx_export import export_checkpoint
     from training.checkpoint import FORMAT
     from training.model import SimCLRModel, default_stem
 
+    stem = default_stem(size) if stem == "auto" else stem
+    out = out_dir / f"{arch}-{size}-{stem}.onnx"
+    if out.exists():
+        return out
     torch.manual_seed(0)
     cfg = {
         "arch": arch,
-        "stem": default_stem(size),
+        "stem": stem,
         "image_size": size,
         "proj_dim": 128,
         "mean": [0.485, 0.456, 0.406],
         "std": [0.229, 0.224, 0.225],
     }
     model = SimCLRModel(arch, cfg["stem"], 128)
-    ckpt = out_dir / f"{arch}-{size}.pt"
+    ckpt = out_dir / f"{arch}-{size}-{stem}.pt"
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save(
         {"format": FORMAT, "model": model.state_dict(), "config": cfg, "step": 0, "epoch": 0}, ckpt
@@ -304,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.seconds <= 0 or args.seconds > 120 or max(args.clients) > 512:
         p.error("--seconds must be in (0, 120] and --clients at most 512 (bounded load)")
 
-    model = args.model or build_model(args.arch, args.image_size, REPO / "runs" / "bench-serve")
+    model = args.model or build_model(
+        args.arch, args.image_size, args.stem, REPO / "runs" / "bench-serve"
+    )
     photos, origin = load_photos(args.photos)
     print(
         f"model {model.name}, device {args.device}, {len(photos)} JPEGs 640x480 "

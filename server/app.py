@@ -86,7 +86,12 @@ class EmbeddingServer:
         self.grpc_server = server
         await server.start()
         if cfg.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)
+            try:
+                self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)
+            except OSError as exc:
+                raise SimclrError(
+                    f"cannot serve metrics on port {cfg.metrics_port}: {exc}"
+                ) from None
         log.info(
             "listening on %s (%s), loading %s",
             _address(cfg.host, self.port),
