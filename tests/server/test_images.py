@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from server.images import ImageError, Preprocessor
+from simclr_embed.imageio import open_image, to_model_input
 from tests.server.conftest import encode, photo
 
 
@@ -47,9 +48,9 @@ def test_pixel_limit_is_configurable() -> None:
 def test_large_jpeg_is_decoded_at_reduced_scale() -> None:
     data = encode(photo(1024, 768, seed=1), "JPEG", quality=95)
     got = Preprocessor(32, "resize").from_encoded(data)
-    # What draft decoding means here: DCT-scaled by 1/8 to 128×96 (still >= 2 × 32), then resize.
+    # What draft decoding means here: DCT-scaled by 1/8 to 128×96 (still >= 32), then resize.
     with Image.open(io.BytesIO(data)) as im:
-        im.draft("RGB", (64, 64))
+        im.draft("RGB", (32, 32))
         assert im.size == (128, 96)
         want = np.asarray(im.convert("RGB").resize((32, 32), Image.Resampling.BICUBIC))
     np.testing.assert_array_equal(got, want)
@@ -57,6 +58,17 @@ def test_large_jpeg_is_decoded_at_reduced_scale() -> None:
         Image.open(io.BytesIO(data)).convert("RGB").resize((32, 32), Image.Resampling.BICUBIC)
     )
     assert np.abs(got.astype(int) - full).mean() < 4  # same picture as a full decode
+
+
+def test_jpeg_input_is_the_shared_definition_of_an_image_in() -> None:
+    """Served pixels == simclr_embed.imageio's (what evaluation uses) for a JPEG worth drafting."""
+    data = encode(photo(640, 480, seed=9), "JPEG", quality=90)
+    for size, policy in ((64, "resize"), (96, "shorter-side-crop:0.875")):
+        got = Preprocessor(size, policy).from_encoded(data)
+        want = to_model_input(
+            open_image(data, draft_size=Preprocessor(size, policy).needed_side), size, policy
+        )
+        np.testing.assert_array_equal(got, want)
 
 
 def test_shorter_side_crop_policy() -> None:
