@@ -99,5 +99,6 @@ ARG PIP_EXTRA_INDEX_URL=""
 RUN pip install ".[all]" \
     && useradd --uid 10001 --user-group --create-home --shell /bin/bash simclr
 USER 10001:10001
-WORKDIR /home/simclr
+# /src holds configs/ (e.g. --config configs/imagenet-resnet50.yaml); write runs to a mounted volume.
+WORKDIR /src
 CMD ["simclr", "--help"]

@@ -97,7 +97,9 @@ def test_targets_and_bases(dockerfile) -> None:
     args, stages = dockerfile
     assert {"serve", "train"} <= stages.keys()
     serve_base = _resolve(_chain(stages, "serve")[-1].base, args)
-    assert serve_base.startswith("nvidia/cuda:") and "cudnn" in serve_base and "runtime" in serve_base
+    assert (
+        serve_base.startswith("nvidia/cuda:") and "cudnn" in serve_base and "runtime" in serve_base
+    )
     assert _resolve(stages["train"].base, args).startswith("nvidia/cuda:")
 
 
