@@ -186,3 +186,62 @@ def test_queue_full_deadline_and_drain(tiny_onnx: Path) -> None:
         assert codes["OK"] == 1 and codes["RESOURCE_EXHAUSTED"] == 1
     finally:
         srv.close()
+
+
+def test_not_serving_and_unavailable_until_the_model_is_warm(tiny_onnx: Path) -> None:
+    """Health says NOT_SERVING and Embed says UNAVAILABLE while the (real) model load is held."""
+    import asyncio
+    import threading
+
+    from server.app import EmbeddingServer
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    gate = threading.Event()
+
+    async def make() -> EmbeddingServer:
+        return EmbeddingServer(serve_config(tiny_onnx))
+
+    srv = asyncio.run_coroutine_threadsafe(make(), loop).result(30)
+    real_load = srv._load_model
+
+    def held_load():  # runs in a worker thread, like the real load
+        assert gate.wait(30)
+        return real_load()
+
+    srv._load_model = held_load  # type: ignore[method-assign]
+    starting = asyncio.run_coroutine_threadsafe(srv.start(), loop)
+    try:
+        for _ in range(500):
+            if srv.port:
+                break
+            time.sleep(0.01)
+        channel = grpc.insecure_channel(f"127.0.0.1:{srv.port}")
+        health = health_pb2_grpc.HealthStub(channel)
+        check = health_pb2.HealthCheckRequest(service="simclr.v1.EmbeddingService")
+        for _ in range(500):  # the port is bound just before the server starts answering
+            try:
+                status = health.Check(check, timeout=5).status
+                break
+            except grpc.RpcError:
+                time.sleep(0.01)
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        stub = pb_grpc.EmbeddingServiceStub(channel)
+        for call, request in (
+            (stub.Embed, pb.EmbedRequest(images=[GOOD])),
+            (stub.GetModelInfo, pb.GetModelInfoRequest()),
+        ):
+            with pytest.raises(grpc.RpcError) as err:
+                call(request, timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        gate.set()
+        starting.result(60)
+        assert health.Check(check, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+        assert len(stub.Embed(pb.EmbedRequest(images=[GOOD]), timeout=30).embeddings) == 1
+    finally:
+        gate.set()
+        asyncio.run_coroutine_threadsafe(srv.stop(1.0), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
