@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per load phase")
-    p.add_argument("--rounds", type=int, default=3, help="phases take turns this many times")
+    p.add_argument("--rounds", type=int, default=2, help="phases take turns this many times")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-delay-ms", type=float, default=2.0)
     p.add_argument("--photos", type=int, default=64, help="distinct JPEGs cycled through")
