@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import json
 import logging
-import random
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -37,10 +36,10 @@ from training.checkpoint import capture_rng_state, save_checkpoint
 from training.config import TrainConfig
 from training.data import build_train_loader, find_images
 from training.loss import nt_xent_loss_and_accuracy
-from training.model import SimCLRModel, load_init_weights
-from training.optim import build_optimizer, scaled_lr, warmup_cosine
+from training.optim import build_optimizer, warmup_cosine
 from training.reporting import Reporter
 from training.resume import agree, load_resume_state, prepare_out_dir
+from training.setup import build_model, resolve_precision, resolve_run, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -61,17 +60,6 @@ class RunState:
         if self.batch_in_epoch >= self.steps_per_epoch:
             return self.epoch + 1, 0
         return self.epoch, self.batch_in_epoch
-
-
-def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """``(autocast dtype or None for fp32, use GradScaler)``; auto = bf16 on CUDA, fp32 on CPU."""
-    if precision == "auto":
-        if device.type != "cuda":
-            return None, False
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return {"fp32": (None, False), "bf16": (torch.bfloat16, False), "fp16": (torch.float16, True)}[
-        precision
-    ]
 
 
 def train_one_epoch(
@@ -126,16 +114,13 @@ def train_one_epoch(
             on_step()
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def main(cfg: TrainConfig) -> int:
     device = dist.init_distributed(cfg.device)
     if not dist.is_primary():
         logging.getLogger().setLevel(logging.ERROR)  # only rank 0 logs
+    # With fp16 the GradScaler skips optimizer steps that overflowed; the schedule still advances
+    # (it counts iterations), which is what this warning complains about.
+    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
     try:
         with logging_redirect_tqdm():
             _run(cfg, device)
@@ -145,17 +130,15 @@ def main(cfg: TrainConfig) -> int:
 
 
 def _run(cfg: TrainConfig, device: torch.device) -> None:
-    world, rank = dist.world_size(), dist.rank()
+    world, rank, cuda = dist.world_size(), dist.rank(), device.type == "cuda"
     out = Path(cfg.out)
     ckpt_dir = out / "checkpoints"
     agree(lambda: prepare_out_dir(out, cfg.resume))
-    cuda = device.type == "cuda"
     if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     amp_dtype, use_scaler = resolve_precision(cfg.precision, device)
-    _seed_everything(cfg.seed)
+    seed_everything(cfg.seed)
 
     paths = find_images(cfg.data)
     augment = SimCLRAugment(cfg.image_size, cfg.color_strength, cfg.blur, cfg.mean, cfg.std)
@@ -169,70 +152,39 @@ def _run(cfg: TrainConfig, device: torch.device) -> None:
         rank=rank,
         pin_memory=cuda,
     )
-    steps_per_epoch = len(loader)
-    global_batch = cfg.batch_size * world
+    steps_per_epoch, global_batch = len(loader), cfg.batch_size * world
     if steps_per_epoch == 0:
         raise SimclrError(
-            f"--data {cfg.data} has {len(paths)} images, fewer than one global batch "
-            f"({cfg.batch_size} × {world} processes); lower --batch-size"
+            f"--data {cfg.data} has {len(paths)} images, fewer than one global "
+            f"batch ({cfg.batch_size} × {world} processes); lower --batch-size"
         )
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    warmup_steps = (
-        cfg.warmup_steps
-        if cfg.warmup_steps is not None
-        else round(cfg.warmup_epochs * steps_per_epoch)
+    resolved = resolve_run(
+        cfg,
+        num_images=len(paths),
+        steps_per_epoch=steps_per_epoch,
+        world=world,
+        device=device,
+        amp_dtype=amp_dtype,
     )
-    warmup_steps = min(warmup_steps, total_steps)
-    peak_lr = scaled_lr(cfg.lr, global_batch, cfg.lr_scaling)
-    resolved = {
-        **cfg.to_dict(),
-        "world_size": world,
-        "global_batch_size": global_batch,
-        "peak_lr": peak_lr,
-        "num_images": len(paths),
-        "steps_per_epoch": steps_per_epoch,
-        "total_steps": total_steps,
-        "warmup_steps": warmup_steps,
-        "device_type": device.type,
-        "amp_dtype": str(amp_dtype).removeprefix("torch.") if amp_dtype else "float32",
-    }
+    total_steps, peak_lr = resolved["total_steps"], resolved["peak_lr"]
 
-    model = SimCLRModel(cfg.arch, cfg.stem, cfg.proj_dim)
-    if cfg.init_weights and not cfg.resume:
-        if not Path(cfg.init_weights).is_file():
-            raise SimclrError(f"--init-weights {cfg.init_weights}: no such file")
-        missing, unexpected = load_init_weights(model, cfg.init_weights)
-        logger.info(
-            "loaded %s (missing %d keys, unexpected %d)",
-            cfg.init_weights,
-            len(missing),
-            len(unexpected),
-        )
-    if world > 1 and cuda:
-        # BatchNorm statistics over the global batch (the paper's "global BN").
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    elif world > 1:  # torch's SyncBatchNorm is CUDA-only (DDP refuses it on CPU)
-        logger.warning("SyncBatchNorm needs CUDA: on CPU each process normalizes its own batch")
-    model.to(device)
-    if cuda:
-        model.to(memory_format=torch.channels_last)
-    raw_model = model  # what checkpoints and the kNN monitor use: no DDP / compile wrappers
+    raw_model = build_model(cfg, device, world)  # checkpoints and kNN use it: no wrappers
     optimizer = build_optimizer(cfg.optimizer, raw_model, peak_lr, cfg.weight_decay)
-    scheduler = warmup_cosine(optimizer, warmup_steps, total_steps)
+    scheduler = warmup_cosine(optimizer, resolved["warmup_steps"], total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-
-    state = RunState(
-        0, 0, 0, steps_per_epoch, total_steps, min(total_steps, cfg.stop_after_steps or total_steps)
-    )
+    stop = min(total_steps, cfg.stop_after_steps or total_steps)
+    state = RunState(0, 0, 0, steps_per_epoch, total_steps, stop)
     if cfg.resume:
         state.step, state.epoch, state.batch_in_epoch = load_resume_state(
             ckpt_dir / "last.pt", resolved, raw_model, optimizer, scheduler, scaler
         )
+    model = raw_model
     if world > 1:
         model = DDP(model, device_ids=[device.index] if cuda else None)
     if cfg.compile:
-        model = torch.compile(model)
+        model = torch.compile(model)  # after DDP, so DDP's bucketing can split the graph
 
+    eval_sets = None
     if dist.is_primary():
         atomic_write_text(
             out / "config.json", json.dumps(resolved, indent=2, sort_keys=True) + "\n"
@@ -251,48 +203,53 @@ def _run(cfg: TrainConfig, device: torch.device) -> None:
             resolved["amp_dtype"],
             device,
         )
+        if cfg.eval_data:
+            from training.monitor import load_eval_sets
 
-    eval_sets = None
-    if cfg.eval_data and dist.is_primary():
-        from training.monitor import load_eval_sets
-
-        eval_sets = load_eval_sets(cfg.eval_data, cfg.image_size)
+            eval_sets = load_eval_sets(cfg.eval_data, cfg.image_size)
+    reporter = Reporter(
+        out,
+        total_steps=total_steps,
+        start_step=state.step,
+        global_batch=global_batch,
+        log_every=cfg.log_every,
+        progress=cfg.progress,
+    )
 
     def checkpoint() -> None:
-        if not dist.is_primary():
-            return
-        epoch, batch = state.position()
-        payload: dict[str, Any] = {
-            "model": raw_model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if use_scaler else None,
-            "step": state.step,
-            "epoch": epoch,
-            "batch_in_epoch": batch,
-            "rng": capture_rng_state(),
-            "sampler": {
-                "seed": cfg.seed,
+        if dist.is_primary():
+            epoch, batch = state.position()
+            payload: dict[str, Any] = {
+                "model": raw_model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if use_scaler else None,
+                "step": state.step,
                 "epoch": epoch,
-                "start_batch": batch,
-                "world_size": world,
-                "batch_size": cfg.batch_size,
-            },
-            "config": resolved,
-        }
-        path = save_checkpoint(ckpt_dir, payload, cfg.keep_checkpoints)
-        logger.info("wrote %s (step %d)", path, state.step)
+                "batch_in_epoch": batch,
+                "rng": capture_rng_state(),
+                "sampler": {
+                    "seed": cfg.seed,
+                    "epoch": epoch,
+                    "start_batch": batch,
+                    "world_size": world,
+                    "batch_size": cfg.batch_size,
+                },
+                "config": resolved,
+            }
+            path = save_checkpoint(ckpt_dir, payload, cfg.keep_checkpoints)
+            logger.info("wrote %s (step %d)", path, state.step)
+        nonlocal last_saved
+        last_saved = state.step
 
     def knn() -> None:
-        if eval_sets is not None:
+        nonlocal last_eval
+        if eval_sets is not None:  # rank 0 only; the others wait at the barrier
             from training.monitor import knn_monitor
 
-            bank, queries, num_classes = eval_sets
             top1 = knn_monitor(
                 raw_model,
-                bank,
-                queries,
-                num_classes,
+                *eval_sets,
                 device,
                 cfg.mean,
                 cfg.std,
@@ -303,23 +260,13 @@ def _run(cfg: TrainConfig, device: torch.device) -> None:
             )
             reporter.knn(state.step, state.position()[0], top1)
         dist.barrier()
-
-    last_saved, last_eval = state.step, -1
-    reporter = Reporter(
-        out,
-        total_steps=total_steps,
-        start_step=state.step,
-        global_batch=global_batch,
-        log_every=cfg.log_every,
-        progress=cfg.progress,
-    )
+        last_eval = state.step
 
     def on_step() -> None:
-        nonlocal last_saved
         if state.step % cfg.checkpoint_every == 0:
             checkpoint()
-            last_saved = state.step
 
+    last_saved, last_eval = state.step, -1
     try:
         while state.step < state.stop_step:
             sampler.set_epoch(state.epoch, start_batch=state.batch_in_epoch)
@@ -343,11 +290,10 @@ def _run(cfg: TrainConfig, device: torch.device) -> None:
                 reporter.epoch_end(state.epoch)
                 if state.epoch % cfg.eval_every == 0:
                     knn()
-                    last_eval = state.step
         reporter.flush(state.step, scheduler.get_last_lr()[0])
         if state.step != last_saved or not (ckpt_dir / "last.pt").exists():
             checkpoint()
-        if eval_sets is not None and last_eval != state.step:
+        if cfg.eval_data and last_eval != state.step:
             knn()
     finally:
         reporter.close()

@@ -1,0 +1,95 @@
+"""Run set-up pieces of ``training.train``: precision, seeding, the model, the resolved config."""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from simclr_embed.errors import SimclrError
+from training.config import TrainConfig
+from training.model import SimCLRModel, load_init_weights
+from training.optim import scaled_lr
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """``(autocast dtype or None for fp32, use GradScaler)``; auto = bf16 on CUDA, fp32 on CPU."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None, False
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "bf16":
+        return torch.bfloat16, False
+    if precision == "fp16":
+        return torch.float16, True  # fp16 overflows without loss scaling
+    return None, False
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: TrainConfig, device: torch.device, world: int) -> nn.Module:
+    """The SimCLR model on ``device`` (SyncBatchNorm across CUDA processes, channels_last)."""
+    model: nn.Module = SimCLRModel(cfg.arch, cfg.stem, cfg.proj_dim)
+    if cfg.init_weights and not cfg.resume:
+        if not Path(cfg.init_weights).is_file():
+            raise SimclrError(f"--init-weights {cfg.init_weights}: no such file")
+        missing, unexpected = load_init_weights(model, cfg.init_weights)  # type: ignore[arg-type]
+        logger.info(
+            "loaded %s (missing %d keys, unexpected %d)",
+            cfg.init_weights,
+            len(missing),
+            len(unexpected),
+        )
+    if world > 1 and device.type == "cuda":
+        # BatchNorm statistics over the global batch (the paper's "global BN").
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif world > 1:  # torch's SyncBatchNorm is CUDA-only (DDP refuses it on CPU)
+        logger.warning("SyncBatchNorm needs CUDA: on CPU each process normalizes its own batch")
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def resolve_run(
+    cfg: TrainConfig,
+    *,
+    num_images: int,
+    steps_per_epoch: int,
+    world: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+) -> dict[str, Any]:
+    """The resolved config: every ``TrainConfig`` field plus what the run derived from them.
+
+    Saved as ``OUT/config.json`` and inside every checkpoint (export and evaluation read
+    ``arch``, ``stem``, ``image_size``, ``proj_dim``, ``mean``, ``std``, ``resize`` from it).
+    """
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    warmup = cfg.warmup_steps
+    if warmup is None:
+        warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    global_batch = cfg.batch_size * world
+    return {
+        **cfg.to_dict(),
+        "world_size": world,
+        "global_batch_size": global_batch,
+        "peak_lr": scaled_lr(cfg.lr, global_batch, cfg.lr_scaling),
+        "num_images": num_images,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total_steps,
+        "warmup_steps": min(warmup, total_steps),
+        "device_type": device.type,
+        "amp_dtype": str(amp_dtype).removeprefix("torch.") if amp_dtype else "float32",
+    }
