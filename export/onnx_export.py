@@ -3,12 +3,13 @@
 The graph takes what any client has, uint8 RGB pixels ``images [N, S, S, 3]``, and does the rest
 (cast, /255, mean/std, NHWC→NCHW, backbone, head), so no runtime needs this code base.
 
-Exporter choice (torch 2.14): ``auto`` uses ``dynamo=True`` (torch.export + onnxscript) for
-opset ≥ 18. Traced with N=2 and a ``Dim`` it keeps the batch axis symbolic (N=1 would be
-specialised away), its optimizer leaves a smaller graph (resnet18: 55 nodes vs 76), and the
-TorchScript exporter is deprecated. But dynamo's lowest native opset is 18 and its conversion to
-17 fails (it then silently keeps 18), so opset 17 goes through the TorchScript exporter, which
-stays selectable (``exporter="torchscript"``); both pass the same parity checks (tests/export).
+Exporter choice (torch 2.14, measured in bench/export.py): ``auto`` uses ``dynamo=True``
+(torch.export + onnxscript) for opset ≥ 18: it is torch's default and maintained path (the
+TorchScript exporter is deprecated and warns), and traced with N=2 and a ``Dim`` it keeps the
+batch axis symbolic (N=1 would be specialised away). Its costs: exporting is ~3× slower, and
+its lowest native opset is 18 — the conversion to 17 fails and it then silently keeps 18 — so
+opset 17 goes through the TorchScript exporter, which stays selectable
+(``exporter="torchscript"``). Both pass the same parity checks (tests/export).
 """
 
 from __future__ import annotations
@@ -208,12 +209,6 @@ def set_metadata(proto: onnx.ModelProto, meta: dict[str, str]) -> onnx.ModelProt
     return proto
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """``metadata_props`` of an ONNX file as a dict (weights not loaded)."""
-    proto = onnx.load(str(path), load_external_data=False)
-    return {p.key: p.value for p in proto.metadata_props}
-
-
 def export_checkpoint(
     checkpoint: str | Path,
     output: str | Path,
@@ -230,6 +225,8 @@ def export_checkpoint(
     and with ``verify`` the parity numbers under ``parity`` (see ``export.verify``). On a failed
     check nothing is written at ``output`` and ``SimclrError`` is raised.
     """
+    if Path(output).resolve() == Path(checkpoint).resolve():
+        raise SimclrError(f"--output {output} would overwrite the checkpoint")
     encoder, ckpt = load_encoder(checkpoint, half=fp16)
     size = int(ckpt["config"]["image_size"])
     exporter = resolve_exporter(exporter, opset)

@@ -185,3 +185,11 @@ def test_end_to_end_module_cli(trained_checkpoint, tmp_path):
     assert (repo / "enc" / "1" / "model.onnx").read_bytes() == out.read_bytes()
     assert 'name: "enc"' in (repo / "enc" / "config.pbtxt").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model-int8.onnx", "triton"]
+
+
+def test_refuses_to_overwrite_the_checkpoint(tiny_checkpoint, tmp_path, capsys):
+    ckpt = tmp_path / "last.pt"
+    ckpt.write_bytes(tiny_checkpoint.read_bytes())
+    code, _, err = run_cli(["--checkpoint", str(ckpt), "--output", str(ckpt)], capsys)
+    assert code == 1 and "would overwrite the checkpoint" in err
+    assert ckpt.read_bytes() == tiny_checkpoint.read_bytes()
