@@ -185,6 +185,10 @@ def _run(cfg: TrainConfig, device: torch.device) -> None:
         model = torch.compile(model)  # after DDP, so DDP's bucketing can split the graph
 
     eval_sets = None
+    if cfg.eval_data:  # read on rank 0; a bad folder stops every rank with the same message
+        from training.monitor import load_eval_sets
+
+        eval_sets = agree(lambda: load_eval_sets(cfg.eval_data, cfg.image_size))
     if dist.is_primary():
         atomic_write_text(
             out / "config.json", json.dumps(resolved, indent=2, sort_keys=True) + "\n"
@@ -203,10 +207,6 @@ def _run(cfg: TrainConfig, device: torch.device) -> None:
             resolved["amp_dtype"],
             device,
         )
-        if cfg.eval_data:
-            from training.monitor import load_eval_sets
-
-            eval_sets = load_eval_sets(cfg.eval_data, cfg.image_size)
     reporter = Reporter(
         out,
         total_steps=total_steps,

@@ -20,8 +20,9 @@ from training.cli import main
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def one_thread() -> Iterator[None]:
+    """Same thread count for every run: float reductions may group differently across counts."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -79,13 +80,18 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
             assert torch.equal(a[k], b[k]), k
 
 
+@pytest.fixture(scope="module")
+def straight(one_thread: None, data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The uninterrupted reference run (workers=0; the views do not depend on the worker count)."""
+    out = tmp_path_factory.mktemp("straight")
+    assert run_main(main, _argv(data, out, 0)) == 0
+    return load_checkpoint(out / "checkpoints" / "last.pt")
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_stopped_and_resumed_run_matches_uninterrupted(
-    data: Path, tmp_path: Path, workers: int
+    data: Path, straight: dict, tmp_path: Path, workers: int
 ) -> None:
-    assert run_main(main, _argv(data, tmp_path / "straight", workers)) == 0
-    straight = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
-
     out = tmp_path / "resumed"
     assert run_main(main, _argv(data, out, workers, "--stop-after-steps", "4")) == 0
     middle = load_checkpoint(out / "checkpoints" / "last.pt")
