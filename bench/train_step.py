@@ -2,13 +2,14 @@
 
 In one run, on the same backbone, batch and precision:
 
-- supervised: B images → backbone → Linear(F, 1000) → cross-entropy → SGD step;
+- supervised: B images → backbone → Linear(F, 1000) → cross-entropy → SGD step (and the same
+  at 2B images, to separate "two views" from "head + loss + optimizer");
 - SimCLR: B images → 2B views → backbone → projection head → NT-Xent → optimizer step
   (LARS by default). The all-gather of the loss is an identity in one process; at W processes
   it moves 2·B·P floats per rank, which is small next to the backbone;
 - the data pipeline: decode + two augmented views per image, with W DataLoader workers.
 
-Steps run on synthetic tensors already on the device, interleaved in rounds (sup, SimCLR, sup,
+Steps run on synthetic tensors already on the device, interleaved in rounds (sup, sup 2B, SimCLR,
 ...) so that a noisy shared machine slows both alike; the median round is reported. The goal is
 SimCLR ≥ 0.45 × supervised images/s (two views cost 2×; head, loss and gather ≤ ~10%).
 
@@ -96,6 +97,7 @@ def make_steps(args: argparse.Namespace, device: torch.device) -> dict[str, Call
 
     x = torch.randn(B, 3, S, S, device=device).contiguous(memory_format=cl)  # [B, 3, S, S]
     y = torch.randint(0, 1000, (B,), device=device)
+    y2 = torch.randint(0, 1000, (2 * B,), device=device)
     v = torch.randn(2 * B, 3, S, S, device=device).contiguous(memory_format=cl)  # [2B, 3, S, S]
 
     def step(
@@ -112,6 +114,11 @@ def make_steps(args: argparse.Namespace, device: torch.device) -> dict[str, Call
             logits = sup(x)  # [B, 1000]
         return F.cross_entropy(logits.float(), y)
 
+    def sup2_loss() -> torch.Tensor:  # as many images as SimCLR has views
+        with autocast():
+            logits = sup(v)  # [2B, 1000]
+        return F.cross_entropy(logits.float(), y2)
+
     def sim_loss() -> torch.Tensor:
         with autocast():
             _, z = sim(v)  # [2B, P]
@@ -122,6 +129,7 @@ def make_steps(args: argparse.Namespace, device: torch.device) -> dict[str, Call
     sim.train()
     return {
         "supervised": lambda: step(sup, sup_opt, sup_loss),
+        "supervised_2b": lambda: step(sup, sup_opt, sup2_loss),
         "simclr": lambda: step(sim, sim_opt, sim_loss),
     }
 
@@ -139,7 +147,8 @@ def bench_steps(args: argparse.Namespace, device: torch.device) -> dict[str, flo
             for _ in range(args.steps):
                 fn()
             _sync(device)
-            rates[name].append(args.steps * args.batch_size / (time.perf_counter() - t0))
+            images = args.steps * args.batch_size * (2 if name == "supervised_2b" else 1)
+            rates[name].append(images / (time.perf_counter() - t0))
     return {k: statistics.median(v) for k, v in rates.items()}
 
 
@@ -232,7 +241,11 @@ def main() -> int:
                 args.data_source_size or max(48, int(args.image_size * 1.6)),
             )
         data_rate = bench_data(args, paths, device.type == "cuda")
-    ratio = rates["simclr"] / rates["supervised"]
+    sup, sup2, sim = rates["supervised"], rates["supervised_2b"], rates["simclr"]
+    ratio = sim / sup
+    # SimCLR pushes 2B views through the same trunk as the 2B-image supervised step; what it
+    # loses beyond that is the projection head, the NT-Xent loss (and gather) and the optimizer.
+    overhead = sup2 / (2 * sim) - 1
     print(f"machine: {machine(device)}")
     print(f"command: python bench/train_step.py {' '.join(sys.argv[1:])}")
     print(
@@ -242,19 +255,20 @@ def main() -> int:
     print()
     print("| step | images/s | vs supervised |")
     print("|---|---:|---:|")
-    print(f"| supervised (CE, linear head, SGD) | {rates['supervised']:.1f} | 1.00× |")
+    print(f"| supervised: B images, CE on a linear head, SGD | {sup:.1f} | 1.00× |")
+    print(f"| supervised at 2B images (as many as SimCLR views) | {sup2:.1f} | {sup2 / sup:.2f}× |")
     print(
-        f"| SimCLR (2 views, head, NT-Xent, {args.optimizer}) | {rates['simclr']:.1f} | {ratio:.2f}× |"
+        f"| SimCLR: B images → 2B views, head, NT-Xent, {args.optimizer} | {sim:.1f} | {ratio:.2f}× |"
     )
     print(
-        f"| data: decode + 2 views, {args.workers} workers | {data_rate:.1f} | "
-        f"{data_rate / rates['supervised']:.2f}× |"
+        f"| data: decode + 2 views, {args.workers} workers | {data_rate:.1f} | {data_rate / sup:.2f}× |"
     )
     print()
     verdict = "meets" if ratio >= 0.45 else "MISSES"
     print(
-        f"SimCLR/supervised = {ratio:.3f} ({verdict} the ≥ 0.45 goal); the data pipeline feeds "
-        f"{data_rate / rates['simclr']:.2f}× what the SimCLR step consumes"
+        f"SimCLR/supervised = {ratio:.3f} ({verdict} the ≥ 0.45 goal); head + loss + optimizer "
+        f"cost {overhead:+.1%} over the same views through a supervised step; the data pipeline "
+        f"feeds {data_rate / sim:.2f}× what the SimCLR step consumes"
     )
     return 0
 
