@@ -187,16 +187,25 @@ class EmbeddingClient(_ClientBase):
         """Embed ``images`` → float32 ``[N, D]`` in input order (raises :class:`EmbeddingError`)."""
         _request([], kind, normalize)  # validate kind before reading any file
         parts: dict[int, np.ndarray] = {}
-        with concurrent.futures.ThreadPoolExecutor(max(1, concurrency)) as pool:
+        if concurrency <= 1:  # no thread pool for the common one-at-a-time case
+            for start, chunk in _chunks(images, self.max_batch, self._max_bytes):
+                parts[start] = self._call(start, chunk, kind, normalize)[1]
+                if progress is not None:
+                    progress(len(parts[start]))
+            return self._assemble(parts, kind)
+        with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
             pending: list[concurrent.futures.Future[tuple[int, np.ndarray]]] = []
             for start, chunk in _chunks(images, self.max_batch, self._max_bytes):
-                if len(pending) >= max(1, concurrency):  # bound how many chunks sit in memory
+                if len(pending) >= concurrency:  # bound how many chunks sit in memory
                     done, _ = concurrent.futures.wait(pending, return_when="FIRST_COMPLETED")
                     pending = [f for f in pending if f not in done]
                     self._collect(done, parts, progress)
                 pending.append(pool.submit(self._call, start, chunk, kind, normalize))
             self._collect(concurrent.futures.wait(pending).done, parts, progress)
-        if not parts:
+        return self._assemble(parts, kind)
+
+    def _assemble(self, parts: dict[int, np.ndarray], kind: str) -> np.ndarray:
+        if not parts:  # an empty list still gets the right [0, D]
             info = self.model_info()
             dim = info["projection_dimension" if kind == "projection" else "feature_dimension"]
             return np.zeros((0, dim), np.float32)
