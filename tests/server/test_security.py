@@ -130,3 +130,32 @@ def test_tls_with_token(tiny_onnx: Path, tmp_path: Path) -> None:
         assert err.value.code == grpc.StatusCode.UNAVAILABLE
     finally:
         srv.close()
+
+
+def test_embed_cli_token_from_flag_or_env(
+    auth_server: ServerThread,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from PIL import Image
+
+    from simclr_embed.cli import main as simclr
+
+    Image.fromarray(IMAGE).save(tmp_path / "a.png")
+    args = [
+        "embed",
+        "--target",
+        auth_server.target,
+        "--no-progress",
+        "--output",
+        str(tmp_path / "o.npy"),
+        str(tmp_path / "a.png"),
+    ]
+    monkeypatch.delenv("SIMCLR_AUTH_TOKEN", raising=False)
+    assert simclr(args) == 1
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
+    assert simclr([*args, "--token", TOKEN]) == 0
+    monkeypatch.setenv("SIMCLR_AUTH_TOKEN", TOKEN)
+    assert simclr(args) == 0
+    assert np.load(tmp_path / "o.npy").shape == (1, 512)
