@@ -156,9 +156,14 @@ def _wait_queued(server: ServerThread, n: int) -> None:
 
 def test_queue_full_deadline_and_drain(tiny_onnx: Path) -> None:
     """A long max delay holds a request in the queue; meanwhile: overflow, a deadline, a drain."""
-    srv = ServerThread(serve_config(tiny_onnx, max_batch_size=64, max_delay_ms=1500, max_queue=4))
+    srv = ServerThread(
+        serve_config(tiny_onnx, max_batch_size=64, max_delay_ms=1500, max_queue=4, max_message_mb=1)
+    )
     try:
         stub = pb_grpc.EmbeddingServiceStub(grpc.insecure_channel(srv.target))
+        with pytest.raises(grpc.RpcError) as err:  # over --max-message-mb: refused by gRPC itself
+            stub.Embed(pb.EmbedRequest(images=[raw(b"\0" * 1_500_000, 500, 1000, 3)]), timeout=30)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         held = stub.Embed.future(pb.EmbedRequest(images=[GOOD] * 3), timeout=30)
         _wait_queued(srv, 3)
         with pytest.raises(grpc.RpcError) as err:  # 3 + 2 > 4: refused at once
