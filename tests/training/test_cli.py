@@ -52,13 +52,15 @@ def _fails(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
 
 
 def test_module_help_and_bad_flag_exit_codes() -> None:
-    run = lambda *a: subprocess.run(
-        [sys.executable, "-m", "training", *a],
-        cwd=REPO,  # noqa: E731
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "training", *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
     ok = run("--help")
     assert ok.returncode == 0 and "--max-steps" in ok.stdout and "--eval-data" in ok.stdout
     bad = run("--data", "d", "--out", "o", "--temperature", "0")
