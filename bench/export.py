@@ -1,9 +1,10 @@
 """ONNX Runtime throughput of the exported encoder: fp32 vs int8 (and fp16 on CUDA), one run.
 
 1. Builds a checkpoint (``--arch`` at ``--image-size``, random weights, BatchNorm statistics moved
-   by two train-mode passes) or takes ``--checkpoint``; exports it with both exporters (time,
-   node count); quantizes it to int8 (static, calibrated on synthetic sample images brought to
-   S×S by the model's resize policy; and dynamic); on CUDA also exports fp16.
+   by two train-mode passes) or takes ``--checkpoint``; exports it with both exporters (export
+   time, node count; the TorchScript graph is timed too); quantizes it to int8 (static, calibrated
+   on synthetic sample images brought to S×S by the model's resize policy; and dynamic); on CUDA
+   also exports fp16.
 2. For each batch size, runs every variant in interleaved rounds (fp32, int8, ..., fp32, ...)
    so a noisy shared machine slows all alike; reports the median round as images/s and the ratio
    to fp32 of the same provider.
@@ -56,6 +57,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-images", type=int, default=32)
     p.add_argument(
         "--no-dynamic", dest="dynamic", action="store_false", help="skip the dynamic int8 variant"
+    )
+    p.add_argument(
+        "--no-torchscript",
+        dest="torchscript",
+        action="store_false",
+        help="skip timing the TorchScript exporter's fp32 graph",
     )
     return p
 
@@ -132,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
 
         models = {"fp32": tmp / "fp32.onnx"}
         export_checkpoint(ckpt, models["fp32"], verify=False)
+        if args.torchscript:  # same weights through the other exporter: does the graph run slower?
+            models["fp32-torchscript"] = tmp / "fp32-ts.onnx"
+            export_checkpoint(
+                ckpt, models["fp32-torchscript"], exporter="torchscript", verify=False
+            )
         calib = tmp / "calib"
         per_class = max(1, (args.calibration_images + 16) // 8)
         generate(calib, per_class=per_class, size=round(args.image_size / 0.875), seed=1)

@@ -1,11 +1,12 @@
 """int8 quantization of an exported fp32 model with ONNX Runtime, for CPU serving.
 
-Two modes (measured on resnet50, 2-core CPU; see docs/benchmarks.md):
+Two modes (bench/export.py, resnet50 at 224 px, 2-core CPU; see docs/benchmarks.md):
 - ``static``: QDQ, per-channel int8 weights, uint8 activations calibrated (MinMax) on real images
-  brought to S×S by the model's own ``simclr.resize`` policy. The fast one (~3-4× fp32).
-- ``dynamic`` (no calibration data): only MatMul/Gemm (the projection head) are quantized.
-  Dynamic Conv quantization makes ResNets *slower* than fp32 on ORT's CPU provider
-  (ConvInteger has no fast kernel: 0.8 vs 5.5 img/s for resnet50 at 64 px), so it is not offered.
+  brought to S×S by the model's own ``simclr.resize`` policy. ~2.8× the fp32 images/s.
+- ``dynamic`` (no calibration data): only MatMul/Gemm (the projection head) are quantized, so it
+  is about as fast as fp32. Dynamically quantized Conv makes ResNets *slower* than fp32 on ORT's
+  CPU provider (``ConvInteger`` has no fast kernel; seen in development: resnet50 at 64 px,
+  batch 8, ~0.8 vs ~5.5 img/s), so it is not offered.
 
 The result is checked against the fp32 model on held-out images (cosine per row) and the speed of
 both is measured side by side in the same process, so the trade is visible in one report.
