@@ -144,7 +144,7 @@ bench() {  # bench NAME LIMIT SCRIPT ARGS...: SKIP when the script is not there
   if [[ -f "$script" ]]; then step "$name" "$limit" "$PY" "$script" "$@"; else step "$name" 5 bash -c "skip 'no $script'"; fi
 }
 bench bench_train 200 bench/train_step.py --device cuda --arch resnet50 --image-size 224 \
-  --batch-size 128 --precision bf16 --steps 10 --rounds 2 --workers 8
+  --precision bf16 --batch-size 128 --workers 14 --steps 10 --rounds 3
 bench bench_serve 200 bench/serve.py --device cuda --seconds 8
 
 echo
