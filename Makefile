@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: test lint proto bench venv clean demo docker bench-gpu
+.PHONY: test lint proto bench venv clean demo docker bench-gpu bench-quality
 
 venv: $(STAMP)
 
@@ -38,6 +38,16 @@ docker:
 	@command -v docker >/dev/null || { echo "make docker: no 'docker' command on this machine" >&2; exit 1; }
 	docker build --target serve -t simclr-embed:serve .
 	docker build --target train -t simclr-embed:train .
+
+# CPU benchmarks of each stage, side by side in one run each (minutes; results and the machine go in
+# docs/benchmarks.md). The CIFAR-10 quality benchmark needs ../shared/data and ~30 min: bench-quality.
+bench: $(STAMP)
+	$(PY) bench/train_step.py
+	$(PY) bench/export.py
+	$(PY) bench/serve.py
+
+bench-quality: $(STAMP)
+	$(PY) bench/quality.py
 
 # On a CUDA machine with the venv already in place: training step, ORT CUDA, serving, fp16 export.
 bench-gpu: $(STAMP)
