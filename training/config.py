@@ -222,8 +222,10 @@ def _load_file(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
         parser.error(f"argument --config: no such file: {path}")
     try:
         if file.suffix.lower() == ".toml":
-            import tomllib
-
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                parser.error("argument --config: TOML files need Python >= 3.11; use YAML")
             data = tomllib.loads(file.read_text(encoding="utf-8"))
         else:
             import yaml

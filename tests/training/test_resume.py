@@ -14,7 +14,12 @@ import torch
 
 from simclr_embed.cli import run_main
 from tests.conftest import write_image_folder
-from training.checkpoint import load_checkpoint
+from training.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
 from training.cli import main
 
 pytestmark = pytest.mark.slow
@@ -109,3 +114,39 @@ def test_stopped_and_resumed_run_matches_uninterrupted(
     for pid, state in straight["optimizer"]["state"].items():
         _assert_same(state, resumed["optimizer"]["state"][pid])  # LARS momentum buffers
     assert straight["scheduler"]["last_epoch"] == resumed["scheduler"]["last_epoch"] == 8
+
+
+def test_save_checkpoint_prunes_step_files_and_keeps_last(tmp_path: Path) -> None:
+    for step in range(1, 6):
+        save_checkpoint(tmp_path, {"step": step, "model": {}, "config": {}}, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "step-4.pt", "step-5.pt"]
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 5
+    (tmp_path / "step-10.pt.bak").write_bytes(b"not ours")  # unrelated files are left alone
+    save_checkpoint(tmp_path, {"step": 6, "model": {}, "config": {}}, keep=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "step-10.pt.bak"]
+    # a payload that cannot be serialized leaves the previous last.pt untouched
+    with pytest.raises(Exception):  # noqa: B017 - torch/pickle raise various types
+        save_checkpoint(tmp_path, {"step": 7, "model": {}, "config": {}, "bad": lambda: 0}, keep=1)
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 6
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_rng_state_round_trips_through_weights_only_load(tmp_path: Path) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    np.random.standard_normal()  # leaves a cached gaussian in numpy's state
+    save_checkpoint(
+        tmp_path, {"step": 1, "model": {}, "config": {}, "rng": capture_rng_state()}, keep=0
+    )
+    expected = (random.random(), np.random.standard_normal(), torch.rand(2))
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    restore_rng_state(torch.load(tmp_path / "last.pt", weights_only=True)["rng"])
+    got = (random.random(), np.random.standard_normal(), torch.rand(2))
+    assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
