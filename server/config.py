@@ -23,9 +23,9 @@ class ServeConfig:
     max_queue: int = 1024
     max_request_images: int = 1024
     max_pixels: int = DEFAULT_MAX_PIXELS
-    max_inflight: int = 0  # 0: 1 on CPU (one run already uses every core), 2 on a GPU
+    max_inflight: int = 0  # 0: 2
     decode_threads: int = 0  # 0: usable cores
-    intra_op_threads: int = 0  # 0: usable cores
+    intra_op_threads: int = 0  # 0: usable cores / max_inflight
     tensorrt: bool = False
     metrics_port: int | None = None
     tls_cert: Path | None = None
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-inflight",
         type=int,
         default=0,
-        help="model calls running at once; 0 = 1 on CPU, 2 on GPU [0]",
+        help="model calls running at once; 0 = 2 [0]",
     )
     p.add_argument(
         "--decode-threads", type=int, default=0, help="image decode threads; 0 = cores [0]"
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--intra-op-threads",
         type=int,
         default=0,
-        help="ONNX Runtime CPU threads per model call; 0 = cores [0]",
+        help="ONNX Runtime CPU threads per model call; 0 = cores / max-inflight [0]",
     )
     p.add_argument("--tensorrt", action="store_true", help="try the TensorRT provider first (GPU)")
     p.add_argument(
