@@ -141,8 +141,8 @@ class EmbeddingServer:
             self.cfg.model,
             device=self.cfg.device,
             max_batch_size=self.cfg.max_batch_size,
-            # CPU: the in-flight batches split the cores between them (2 batches × 1 thread on
-            # 2 cores ran ~1.3x the images/s of 1 batch × 2 threads; docs/benchmarks.md).
+            # CPU: the in-flight batches split the cores between them rather than oversubscribe
+            # them (2 × 1 thread vs 1 × 2 threads on 2 cores: even to 1.35x; docs/benchmarks.md).
             intra_op_threads=self.cfg.intra_op_threads
             or max(1, usable_cores() // self.max_inflight),
             tensorrt=self.cfg.tensorrt,
