@@ -58,8 +58,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:  # an extra is not installed (e.g. `train` in the serve image)
-        print(f"error: 'simclr {name}' needs a missing package ({exc.name}); "
-              f"install simclr-embed[all]", file=sys.stderr)
+        print(
+            f"error: 'simclr {name}' needs a missing package ({exc.name}); "
+            f"install simclr-embed[all]",
+            file=sys.stderr,
+        )
         return 1
     return run_main(module.main, rest)
 

@@ -38,7 +38,9 @@ def list_images(root: str | os.PathLike[str]) -> list[Path]:
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / f for f in filenames if not f.startswith(".") and is_image_file(f))
+        found.extend(
+            Path(dirpath) / f for f in filenames if not f.startswith(".") and is_image_file(f)
+        )
     return sorted(found)
 
 
@@ -60,7 +62,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def open_image(source: str | os.PathLike[str] | bytes, *, draft_size: int | None = None) -> Image.Image:
+def open_image(
+    source: str | os.PathLike[str] | bytes, *, draft_size: int | None = None
+) -> Image.Image:
     """Open a path or encoded bytes as RGB; first frame of animations.
 
     ``draft_size``: let JPEG decode at a reduced scale (DCT scaling) when the image is much larger

@@ -23,9 +23,13 @@ def draw_sample(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
     s = size
     jitter = int(rng.integers(-s // 8, s // 8 + 1))
     if kind == "circle":
-        d.ellipse((s // 4 + jitter, s // 4 + jitter, 3 * s // 4 + jitter, 3 * s // 4 + jitter), fill=fg)
+        d.ellipse(
+            (s // 4 + jitter, s // 4 + jitter, 3 * s // 4 + jitter, 3 * s // 4 + jitter), fill=fg
+        )
     elif kind == "square":
-        d.rectangle((s // 4 + jitter, s // 4 + jitter, 3 * s // 4 + jitter, 3 * s // 4 + jitter), fill=fg)
+        d.rectangle(
+            (s // 4 + jitter, s // 4 + jitter, 3 * s // 4 + jitter, 3 * s // 4 + jitter), fill=fg
+        )
     else:
         step = max(2, s // 8)
         for x in range(0, s, 2 * step):
@@ -33,8 +37,15 @@ def draw_sample(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
     return img
 
 
-def write_image_folder(root: Path, *, per_class: int = 8, size: int = 32, ext: str = "png",
-                       classes: tuple[str, ...] = CLASSES, seed: int = 0) -> Path:
+def write_image_folder(
+    root: Path,
+    *,
+    per_class: int = 8,
+    size: int = 32,
+    ext: str = "png",
+    classes: tuple[str, ...] = CLASSES,
+    seed: int = 0,
+) -> Path:
     """``root/<class>/<i>.<ext>`` with ``per_class`` images per class; returns ``root``."""
     rng = np.random.default_rng(seed)
     for cls in classes:
@@ -63,16 +74,23 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from training.model import SimCLRModel
 
     torch.manual_seed(0)
-    cfg = {"arch": "resnet18", "stem": "standard", "image_size": 32, "proj_dim": 32,
-           "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    cfg = {
+        "arch": "resnet18",
+        "stem": "standard",
+        "image_size": 32,
+        "proj_dim": 32,
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+    }
     model = SimCLRModel(cfg["arch"], cfg["stem"], cfg["proj_dim"])
     model.train()
     with torch.no_grad():
         for _ in range(3):
             model(torch.randn(8, 3, 32, 32) * 0.5 + 0.2)
     path = tmp_path_factory.mktemp("ckpt") / "last.pt"
-    torch.save({"format": FORMAT, "model": model.state_dict(), "config": cfg, "step": 3,
-                "epoch": 0}, path)
+    torch.save(
+        {"format": FORMAT, "model": model.state_dict(), "config": cfg, "step": 3, "epoch": 0}, path
+    )
     return path
 
 

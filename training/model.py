@@ -14,9 +14,18 @@ import torch
 import torchvision
 from torch import nn
 
-RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-           "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
-           "wide_resnet50_2", "wide_resnet101_2")
+RESNETS = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+)
 
 
 def default_stem(image_size: int) -> str:
@@ -75,8 +84,11 @@ def load_init_weights(model: SimCLRModel, path: str | Path) -> tuple[list[str], 
     """
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = {k.removeprefix("backbone."): v for k, v in state["model"].items()
-                 if k.startswith("backbone.")}
+        state = {
+            k.removeprefix("backbone."): v
+            for k, v in state["model"].items()
+            if k.startswith("backbone.")
+        }
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     result = model.backbone.load_state_dict(state, strict=False)
     return list(result.missing_keys), list(result.unexpected_keys)
