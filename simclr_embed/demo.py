@@ -25,7 +25,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from simclr_embed.demo_steps import run_simclr, serve_and_embed, write_untrained_checkpoint
+from simclr_embed.demo_steps import (
+    cpu_training_plan,
+    run_simclr,
+    serve_and_embed,
+    usable_cores,
+    write_untrained_checkpoint,
+)
 from simclr_embed.errors import SimclrError
 from simclr_embed.fileio import atomic_write_text
 
@@ -44,7 +50,7 @@ class DemoConfig:
     lr: float = 0.3
     temperature: float = 0.2
     color_strength: float = 0.5
-    workers: int = 2
+    workers: int | None = None  # None: fitted to the cores (cpu_training_plan)
     device: str = "auto"
     seed: int = 0
     k: int = 20
@@ -72,7 +78,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=d.lr, help="base lr per 256 images (LARS)")
     p.add_argument("--temperature", type=float, default=d.temperature, help="NT-Xent temperature")
     p.add_argument("--color-strength", type=float, default=d.color_strength, help="jitter strength")
-    p.add_argument("--workers", type=int, default=d.workers, help="DataLoader workers")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers [by cores]")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device, help="[auto]")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for data, init and training")
     p.add_argument("--k", type=int, default=d.k, help="neighbours for the kNN report")
@@ -137,6 +143,15 @@ def format_report(
     return "\n".join(lines)
 
 
+def training_plan(device: str, workers: int | None) -> tuple[int, dict[str, str]]:
+    """Workers and thread settings for ``simclr train``: cores split on a CPU, workers on a GPU."""
+    import torch
+
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        return (workers if workers is not None else min(8, max(1, usable_cores() - 1))), {}
+    return cpu_training_plan(workers)
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     t_start = time.perf_counter()
     out = cfg.out
@@ -163,44 +178,19 @@ def run_demo(cfg: DemoConfig) -> dict:
     batch = min(cfg.batch_size, n_images)  # the loader drops a last partial batch
 
     run = out / "train"
+    workers, env = training_plan(cfg.device, cfg.workers)
     t0 = time.perf_counter()
+    # fmt: off
     run_simclr(
-        "train",
-        "--data",
-        str(data),
-        "--out",
-        str(run),
-        "--arch",
-        cfg.arch,
-        "--image-size",
-        str(cfg.image_size),
-        "--stem",
-        cfg.stem,
-        "--max-steps",
-        str(cfg.steps),
-        "--batch-size",
-        str(batch),
-        "--lr",
-        str(cfg.lr),
-        "--warmup-steps",
-        str(cfg.steps // 10),
-        "--temperature",
-        str(cfg.temperature),
-        "--color-strength",
-        str(cfg.color_strength),
-        "--workers",
-        str(cfg.workers),
-        "--device",
-        cfg.device,
-        "--seed",
-        str(cfg.seed),
-        "--checkpoint-every",
-        str(cfg.steps),
-        "--keep-checkpoints",
-        "0",
-        "--log-every",
-        "50",
+        "train", "--data", str(data), "--out", str(run), "--arch", cfg.arch,
+        "--image-size", str(cfg.image_size), "--stem", cfg.stem, "--max-steps", str(cfg.steps),
+        "--batch-size", str(batch), "--lr", str(cfg.lr), "--warmup-steps", str(cfg.steps // 10),
+        "--temperature", str(cfg.temperature), "--color-strength", str(cfg.color_strength),
+        "--workers", str(workers), "--device", cfg.device, "--seed", str(cfg.seed),
+        "--checkpoint-every", str(cfg.steps), "--keep-checkpoints", "0", "--log-every", "50",
+        env=env,
     )
+    # fmt: on
     resolved = json.loads((run / "config.json").read_text())
     train = {
         "steps": cfg.steps,

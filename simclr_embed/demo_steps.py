@@ -6,6 +6,7 @@ as its real CLI in a subprocess through this interpreter, exactly as a user woul
 
 from __future__ import annotations
 
+import os
 import shlex
 import signal
 import socket
@@ -27,20 +28,41 @@ def simclr_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "simclr_embed.cli", *args]
 
 
-def show_command(args: Sequence[str]) -> None:
-    print(f"\n$ simclr {shlex.join(args)}", flush=True)
+def show_command(args: Sequence[str], env: dict[str, str] | None = None) -> None:
+    prefix = "".join(f"{k}={shlex.quote(v)} " for k, v in (env or {}).items())
+    print(f"\n$ {prefix}simclr {shlex.join(args)}", flush=True)
 
 
-def run_simclr(*args: str, capture: bool = False) -> str:
+def run_simclr(*args: str, capture: bool = False, env: dict[str, str] | None = None) -> str:
     """Run ``simclr ARGS``; raise ``SimclrError`` naming the step if it fails."""
-    show_command(args)
-    r = subprocess.run(simclr_argv(*args), text=True, capture_output=capture)
+    show_command(args, env)
+    full_env = {**os.environ, **env} if env else None
+    r = subprocess.run(simclr_argv(*args), text=True, capture_output=capture, env=full_env)
     if capture:
         sys.stdout.write(r.stdout)
         sys.stderr.write(r.stderr)
     if r.returncode != 0:
         raise SimclrError(f"'simclr {args[0]}' failed with exit code {r.returncode}")
     return r.stdout if capture else ""
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def cpu_training_plan(workers: int | None) -> tuple[int, dict[str, str]]:
+    """DataLoader workers and torch threads that share the cores instead of fighting over them.
+
+    On a small CPU machine, 2 workers plus 2 torch threads on 2 cores (the defaults) oversubscribe
+    it, and PyTorch's spinning OpenMP threads then run several times slower. Give the workers
+    their cores and torch the rest (``OMP_NUM_THREADS``), at least one each.
+    """
+    cores = usable_cores()
+    w = workers if workers is not None else (1 if cores <= 4 else min(4, cores // 2))
+    return w, {"OMP_NUM_THREADS": str(max(1, cores - w))}
 
 
 def free_port() -> int:
