@@ -32,12 +32,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from quality_report import budget_note, docs_section, table, write_docs
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TARBALL = ROOT.parent / "shared" / "data" / "cifar10-small.tar.gz"
-DOCS = ROOT / "docs" / "benchmarks.md"
-SECTION = "## Quality: kNN and linear probe on CIFAR-10 (`bench/quality.py`)"
 IMG_S = re.compile(r"step (\d+)/\d+ .* ([\d.]+) img/s")
-KNN = re.compile(r"kNN top-1 ([\d.]+)")
 
 
 def get_args() -> argparse.Namespace:
@@ -250,40 +249,6 @@ def shrink(data: Path, per_class: int) -> None:
                 f.unlink()
 
 
-def pct(x: float | None) -> str:
-    return "—" if x is None else f"{100 * x:.1f}%"
-
-
-def table(
-    rows: list[tuple[str, dict[str, Any]]], train_s: float, img_s: float, steps: int, epochs: float
-) -> str:
-    lines = [
-        "| features | kNN top-1 (k=20) | linear probe top-1 | training | train img/s |",
-        "|---|---|---|---|---|",
-    ]
-    for name, r in rows:
-        probe = r["probe"]["top1"] if r.get("probe") else None
-        trained = name.startswith("trained")
-        lines.append(
-            f"| {name} | {pct(r['knn']['top1'])} | {pct(probe)} | "
-            + (
-                f"{train_s / 60:.1f} min, {steps} steps ({epochs:.1f} epochs) | {img_s:.0f} |"
-                if trained
-                else "— | — |"
-            )
-        )
-    return "\n".join(lines)
-
-
-def write_docs(text: str) -> None:
-    doc = DOCS.read_text()
-    start = doc.index(SECTION)
-    nxt = doc.find("\n## ", start + len(SECTION))
-    end = len(doc) if nxt < 0 else nxt + 1
-    DOCS.write_text(doc[:start] + text.rstrip() + "\n\n" + doc[end:])
-    print(f"wrote the Quality section of {DOCS.relative_to(ROOT)}")
-
-
 def main() -> int:
     args = get_args()
     # One torch thread: on 2 shared cores the DataLoader workers (augmentation, ~2.8 ms of CPU per
@@ -368,73 +333,22 @@ def main() -> int:
         (work / "summary.json").write_text(json.dumps(summary, indent=2))
         if args.write_docs:
             write_docs(
-                docs_section(args, tbl, verdict, cmdline, machine, steps, epochs, curve, total_s)
+                docs_section(
+                    args,
+                    tbl,
+                    verdict + budget_note(args, calib_rate, steps, train_s),
+                    cmdline,
+                    machine,
+                    steps,
+                    epochs,
+                    curve,
+                    total_s,
+                )
             )
     finally:
         if tmp is not None:
             tmp.cleanup()
     return 0
-
-
-WHY = """Why these settings (exploration on this machine with `simclr train --eval-data`, kNN
-with a 3,000-image train bank → the 2,000 val images; the untrained network scores 29.8% there):
-
-- **Standard stem, 32 px.** The CIFAR (small) stem keeps 32×32 maps through layer1 and costs about
-  13× the standard stem per image on CPU (≈ 31 vs ≈ 415 training img/s for ResNet-18, as reported
-  for this machine): within the budget it would see about 5 epochs at best. At this budget epochs beat resolution; the small stem
-  is what `configs/cifar10-resnet18.yaml` uses on a GPU.
-- **Temperature 0.2, not the CIFAR recipe's 0.5.** Same 300 steps (7.7 epochs, batch 256):
-  kNN 31.8 / 34.8 / 36.0% at epochs 2 / 4 / 7.7 with T = 0.5 against 35.3 / 40.0 / 40.9% with
-  T = 0.2 — a sharper softmax learns faster from the few epochs a CPU affords.
-- **Batch 256.** Batch 128 (twice the steps, lr scaled linearly) gave 37.0 / 40.0% at epochs 2 / 4
-  against 35.3 / 40.0%: no better per image; 256 keeps more negatives per step.
-- **Colour strength 0.5, no blur, LARS 1.0 × B/256, weight decay 1e-4**: the SimCLR CIFAR-10
-  recipe; warmup 5% of the steps (instead of 10 epochs) because the run is short.
-- **What limits it: epochs.** In every exploration run kNN still rose at the end (T = 0.2:
-  +5.5, +10.2, +11.1 points over untrained at epochs 2, 4, 7.7), so more images seen is what
-  helps; the budget buys only the epochs in the table. The augmentation pipeline alone takes
-  ≈ 2.8 ms of CPU per image (two views, measured), about a third of the 2 cores, and the
-  machine is shared with other jobs (see the load average).
-"""
-
-
-def docs_section(
-    args: argparse.Namespace,
-    tbl: str,
-    verdict: str,
-    cmdline: str,
-    machine: str,
-    steps: int,
-    epochs: float,
-    curve: list[tuple[int, float]],
-    total_s: float,
-) -> str:
-    curve_txt = ""
-    if curve:
-        pts = ", ".join(f"step {s}: {100 * v:.1f}%" for s, v in curve)
-        curve_txt = (
-            f"\nkNN monitor during training (bank: 300 train images per class, queries: "
-            f"val): {pts}.\n"
-        )
-    return f"""{SECTION}
-
-Command: `{cmdline}` (total {total_s / 60:.0f} min).
-Machine: {machine}.
-
-Data: `cifar10-small` (10,000 train / 2,000 val JPEGs, 32 px); training ignores the labels.
-Evaluation: `simclr evaluate` train → val; kNN: cosine, k = 20, T = 0.07; linear probe:
-L-BFGS on standardized features, L2 chosen on a held-out fifth of train.
-Run: {args.threads} torch thread(s), {args.workers} DataLoader workers; {args.arch}, {args.stem} stem, {args.image_size} px, batch {args.batch_size},
-{args.optimizer} lr {args.lr} per 256 (peak {args.lr * args.batch_size / 256:g}),
-weight decay {args.weight_decay:g}, temperature {args.temperature}, colour strength
-{args.color_strength}, no blur, {steps} steps ≈ {epochs:.1f} epochs, warmup
-{round(args.warmup_fraction * steps)} steps, cosine decay.
-
-{tbl}
-
-{verdict}
-{curve_txt}
-{WHY}"""
 
 
 if __name__ == "__main__":

@@ -54,6 +54,8 @@ def test_checkpoint_and_onnx_report_the_same_numbers(
         "1",
         "--probe-epochs",
         "200",
+        "--probe-l2",
+        "1e-3",
         "--device",
         "cpu",
     ]
@@ -76,6 +78,13 @@ def test_pixels_separate_colour_classes_and_shuffled_labels_give_chance(tmp_path
         tmp_path,
     )
     assert r["knn"]["top1"] == 1.0 and r["probe"]["top1"] == 1.0 and r["feature_dim"] == 192
+    assert r["probe"]["l2_auto"] and set(r["probe"]["l2_heldout_top1"]) == {
+        "1",
+        "0.1",
+        "0.01",
+        "0.001",
+        "0.0001",
+    }
 
     strain = write_colour_folder(tmp_path / "strain", per_class=60, seed=3, shuffle=True)
     sval = write_colour_folder(tmp_path / "sval", per_class=60, seed=4, shuffle=True)
@@ -91,6 +100,8 @@ def test_pixels_separate_colour_classes_and_shuffled_labels_give_chance(tmp_path
             str(sval),
             "--probe-epochs",
             "100",
+            "--probe-l2",
+            "0.1",
         ],
         tmp_path,
     )
