@@ -56,7 +56,7 @@ def get_args() -> argparse.Namespace:
     )
     p.add_argument("--steps", type=int, default=None, help="training steps (skips calibration)")
     p.add_argument("--arch", default="resnet18")
-    p.add_argument("--stem", default="standard", choices=("small", "standard"))
+    p.add_argument("--stem", default="standard", choices=("small", "medium", "standard"))
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.2)

@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument(
         "--stem",
-        choices=("auto", "small", "standard"),
+        choices=("auto", "small", "medium", "standard"),
         default="auto",
         help="auto: what `simclr train` picks (small at <= 64 px)",
     )

@@ -50,7 +50,7 @@ def get_args() -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--stem", default="standard", choices=("small", "standard"))
+    p.add_argument("--stem", default="standard", choices=("small", "medium", "standard"))
     p.add_argument("--batch-size", type=int, default=64, help="images per step (SimCLR: 2× views)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--optimizer", default="lars", help="SimCLR step optimizer (supervised: sgd)")

@@ -77,7 +77,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-size", type=int, default=d.sample_size, help="sample image side (px)")
     p.add_argument("--arch", default=d.arch, help=f"ResNet to train [{d.arch}]")
     p.add_argument("--image-size", type=int, default=d.image_size, help="training size (px)")
-    p.add_argument("--stem", choices=("small", "standard"), default=d.stem, help="ResNet stem")
+    p.add_argument(
+        "--stem", choices=("small", "medium", "standard"), default=d.stem, help="ResNet stem"
+    )
     p.add_argument("--steps", type=int, default=d.steps, help=f"training steps [{d.steps}]")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch")
     p.add_argument("--lr", type=float, default=d.lr, help="base lr per 256 images (LARS)")

@@ -20,6 +20,8 @@ from typing import Any
 from simclr_embed.imageio import IMAGENET_MEAN, IMAGENET_STD, resize_policy_for
 
 # Kept in sync with training.model.RESNETS; repeated here so `--help` needs no torch import.
+# ResNet stems (training.model builds them; kept here so --help needs no torch import).
+STEMS = ("small", "medium", "standard")
 ARCHS = (
     "resnet18",
     "resnet34",
@@ -115,9 +117,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     m.add_argument("--image-size", type=int, default=224, help="training crop size (px)")
     m.add_argument(
         "--stem",
-        choices=("small", "standard"),
+        choices=STEMS,
         default=None,
-        help="small = 3x3 conv, stride 1, no max-pool; default small when --image-size <= 64",
+        help="small = 3x3 conv, stride 1, no max-pool (layer1 at full size); medium = the same "
+        "conv + the max-pool (half size); standard = torchvision's (quarter size); "
+        "default small when --image-size <= 64",
     )
     m.add_argument("--proj-dim", type=int, default=128, help="projection head output size")
     m.add_argument("--init-weights", metavar="PATH", help="local backbone state_dict to start from")

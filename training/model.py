@@ -14,6 +14,8 @@ import torch
 import torchvision
 from torch import nn
 
+from training.config import STEMS
+
 RESNETS = (
     "resnet18",
     "resnet34",
@@ -38,12 +40,17 @@ class SimCLRModel(nn.Module):
         super().__init__()
         if arch not in RESNETS:
             raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(RESNETS)}")
-        if stem not in ("small", "standard"):
-            raise ValueError(f"stem must be 'small' or 'standard', got {stem!r}")
+        if stem not in STEMS:
+            raise ValueError(f"stem must be one of {', '.join(STEMS)}, got {stem!r}")
         # weights=None: never download; a local state_dict can be loaded with load_init_weights.
         backbone = getattr(torchvision.models, arch)(weights=None)
-        if stem == "small":
+        # The stem sets the feature-map side at layer1 for an S px input: standard (7×7/2 conv +
+        # 3×3/2 max-pool) S/4, medium (3×3/1 conv + the max-pool) S/2, small (3×3/1 conv, no
+        # pool) S. Trunk compute grows with that area: at 32 px, medium costs ~4× standard and
+        # small ~15× — medium is the middle ground for small images on a small budget.
+        if stem in ("small", "medium"):
             backbone.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        if stem == "small":
             backbone.maxpool = nn.Identity()
         feature_dim: int = backbone.fc.in_features  # 512 for resnet18/34, 2048 for resnet50+
         backbone.fc = nn.Identity()
