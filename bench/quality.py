@@ -51,12 +51,12 @@ def get_args() -> argparse.Namespace:
     p.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="torch threads per process (OMP_NUM_THREADS) for training and evaluation [1]",
+        default=2,
+        help="torch threads per process (OMP_NUM_THREADS) for training and evaluation [2]",
     )
     p.add_argument("--steps", type=int, default=None, help="training steps (skips calibration)")
     p.add_argument("--arch", default="resnet18")
-    p.add_argument("--stem", default="standard", choices=("small", "medium", "standard"))
+    p.add_argument("--stem", default="medium", choices=("small", "medium", "standard"))
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.2)
@@ -70,7 +70,7 @@ def get_args() -> argparse.Namespace:
         default=0.05,
         help="linear warmup as a fraction of the steps [0.05]",
     )
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers [2]")
+    p.add_argument("--workers", type=int, default=1, help="DataLoader workers [1]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--curve-every",
@@ -251,9 +251,9 @@ def shrink(data: Path, per_class: int) -> None:
 
 def main() -> int:
     args = get_args()
-    # One torch thread: on 2 shared cores the DataLoader workers (augmentation, ~2.8 ms of CPU per
-    # image for two views) need the other core, and 2 threads spin-waiting on oversubscribed
-    # cores measured 45-60 img/s against 70-80 img/s with 1 (same 30 steps, load average ~5).
+    # Threads vs workers on 2 cores: the medium stem is compute-bound (2 threads + 1 worker: 65
+    # img/s; 1 thread + 2 workers: 40), the standard stem augmentation-bound (1 thread + 2
+    # workers: 70-80 img/s; 2 threads spin-waiting on oversubscribed cores: 45-60).
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     t_start = time.perf_counter()
     if not args.tarball.is_file():

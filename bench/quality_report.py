@@ -46,35 +46,40 @@ def write_docs(text: str) -> None:
     print(f"wrote the Quality section of {DOCS.relative_to(ROOT)}")
 
 
-WHY = """Why these settings (exploration on this machine with `simclr train --eval-data`, kNN
-with a 3,000-image train bank → the 2,000 val images; the untrained network scores 29.8% there):
+WHY = """Why these settings (exploration on this machine; "300-step runs" are the standard stem,
+batch 256, 7.7 epochs, evaluated with the full train → val protocol, untrained 34.4% kNN):
 
-- **Standard stem, 32 px.** The CIFAR (small) stem keeps 32×32 maps through layer1 and costs about
-  13× the standard stem per image on CPU (≈ 31 vs ≈ 415 training img/s for ResNet-18, as reported
-  for this machine): within the budget it would see about 2-5 epochs. The small stem is what
-  `configs/cifar10-resnet18.yaml` uses on a GPU.
-- **Temperature 0.2, not the CIFAR recipe's 0.5.** Same 300 steps (7.7 epochs, batch 256):
-  kNN 31.8 / 34.8 / 36.0% at epochs 2 / 4 / 7.7 with T = 0.5 against 35.3 / 40.0 / 40.9% with
-  T = 0.2 — a sharper softmax learns faster from the few epochs a CPU affords.
+- **Medium stem, 32 px.** The stem decides the feature-map side at layer1: standard (7×7/2 conv +
+  max-pool) 8×8, medium (3×3/1 conv + max-pool) 16×16, small (3×3/1, no pool) 32×32. Two budget
+  runs: the standard stem saw 794 steps (20.4 epochs, 107 img/s) and scored 45.1% kNN / 50.5%
+  probe against 34.4 / 40.3% untrained (+10.6 / +10.2 points); the medium stem saw half the
+  epochs (405 steps, 63 img/s) and scored 46.7 / 53.5% against 35.0 / 41.7% (+11.7 / +11.8). It
+  also learns the contrastive task faster per step (training top-1 0.18 against 0.14 at step
+  140). The small stem, the literature's CIFAR choice, costs ~13× the standard one here (≈ 31
+  training img/s): 2-5 epochs in the budget. It is what `configs/cifar10-resnet18.yaml` uses on
+  a GPU.
+- **2 torch threads, 1 loader worker**: the medium stem is compute-bound (65 img/s against 40
+  with 1 thread + 2 workers; the standard stem, augmentation-bound, wanted the opposite).
+- **Colour strength 0.5** (the SimCLR CIFAR setting): 300-step runs gave 42.1% kNN at 0.25,
+  44.1% at 0.5, 37.6% at 1.0 — colour is a real cue in CIFAR, and full-strength jitter throws
+  it away faster than a short run can learn shape.
+- **Temperature 0.2, not the CIFAR recipe's 0.5.** Same 300 steps: kNN (3,000-image bank →
+  val, untrained 29.8%) 31.8 / 34.8 / 36.0% at epochs 2 / 4 / 7.7 with T = 0.5 against
+  35.3 / 40.0 / 40.9% with T = 0.2 — a sharper softmax learns faster from few epochs.
 - **Batch 256.** Batch 128 (twice the steps, lr scaled linearly) gave 37.0 / 40.0% at epochs 2 / 4
   against 35.3 / 40.0%: no better per image; 256 keeps more negatives per step.
 - **32 px, not more.** The standard stem at 48 px (input upsampled) runs 2.3× slower and gained
-  no more over its own untrained network (+6.1 / +8.2 points at epochs 2 / 4, from 33.8%) than
-  32 px did (+5.5 / +10.2).
-- **Colour strength 0.5, no blur, LARS 1.0 × B/256, weight decay 1e-4**: the SimCLR CIFAR-10
-  recipe; warmup 5% of the steps (instead of 10 epochs) because the run is short.
-- **One torch thread**: the DataLoader workers need the other core (augmentation takes ≈ 2.8 ms
-  of CPU per image for the two views, measured); with 2 threads the same 30 steps ran at
-  45-60 img/s against 70-80 img/s with 1 (load average ≈ 5).
+  no more over its own untrained network (+6.1 / +8.2 points at epochs 2 / 4) than 32 px did
+  (+5.5 / +10.2).
+- **LARS 1.0 × B/256, weight decay 1e-4, no blur**: the SimCLR CIFAR-10 recipe; warmup 5% of the
+  steps (instead of 10 epochs) because the run is short.
 
-What limits it. Not the step count alone: the 300-step run (7.7 epochs, T = 0.2, same settings)
-already scores 44.1% kNN / 47.9% probe on the full train → val protocol, and 2.6× more steps
-(the budget run above) add only +1.0 / +2.6 points. The standard stem reduces a 32 px image to
-8×8 before the first residual block (1×1 at layer4); the literature's CIFAR results (≈ 91% linear
-for ResNet-18) use the small stem for exactly this reason, and it costs 13× per image — out of
-reach of a 30-minute, 2-core budget (see `configs/cifar10-resnet18.yaml` for the GPU recipe).
-The untrained standard-stem network is also a strong baseline here (34.4% kNN, 40.3% probe:
-random convolutional features of tiny images are already better than chance by far).
+What limits it: compute. More epochs at low resolution saturate (standard stem: 300 → 794 steps
+added only +1.0 kNN / +2.6 probe points); more resolution inside the network helps (medium stem:
+a bigger gain from half the epochs) but costs 4× per image, and the small stem 13×. Reaching
++15 needs about the small stem's cost for tens of epochs — hours on 2 CPU cores, minutes on a GPU
+(`configs/cifar10-resnet18.yaml`; not measured here, no GPU was available). The untrained
+network is also a strong baseline on 32 px images (35% kNN, 42% probe).
 """
 
 
