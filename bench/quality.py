@@ -71,6 +71,12 @@ def get_args() -> argparse.Namespace:
         help="linear warmup as a fraction of the steps [0.05]",
     )
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers [1]")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("auto", "bf16", "fp16", "fp32"),
+        help="training precision (bf16 autocast is ~1.5x faster on CPUs with AVX512-BF16) [fp32]",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--curve-every",
@@ -154,6 +160,8 @@ def train_cmd(args: argparse.Namespace, data: Path, out: Path, steps: int) -> li
         str(args.weight_decay),
         "--workers",
         str(args.workers),
+        "--precision",
+        args.precision,
         "--seed",
         str(args.seed),
         "--log-every",

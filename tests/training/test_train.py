@@ -232,3 +232,19 @@ def test_resume_of_a_finished_run_is_a_no_op(run: dict, one_thread: None) -> Non
         ],
     )
     assert code == 0 and ckpt.stat().st_mtime_ns == before
+
+
+def test_bf16_autocast_on_cpu(tmp_path: Path, one_thread: None) -> None:
+    """``--precision bf16`` on CPU (what bench/quality.py uses on AVX512-BF16 machines): bf16
+    compute, float32 master weights in the checkpoint, a finite loss."""
+    data = write_image_folder(tmp_path / "data", per_class=8, seed=0)
+    out = tmp_path / "out"
+    argv = [*TINY, "--data", str(data), "--out", str(out), "--batch-size", "8"]
+    argv += ["--max-steps", "3", "--precision", "bf16", "--device", "cpu", "--log-every", "1"]
+    assert run_main(main, argv) == 0
+    assert json.loads((out / "config.json").read_text())["amp_dtype"] == "bfloat16"
+    ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert ckpt["step"] == 3
+    assert all(v.dtype == torch.float32 for v in ckpt["model"].values() if v.is_floating_point())
+    losses = _scalars(out / "tb")["train/loss"]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
