@@ -50,14 +50,17 @@ WHY = """Why these settings (exploration on this machine; "300-step runs" are th
 batch 256, 7.7 epochs, evaluated with the full train → val protocol, untrained 34.4% kNN):
 
 - **Medium stem, 32 px.** The stem decides the feature-map side at layer1: standard (7×7/2 conv +
-  max-pool) 8×8, medium (3×3/1 conv + max-pool) 16×16, small (3×3/1, no pool) 32×32. Two budget
+  max-pool) 8×8, medium (3×3/1 conv + max-pool) 16×16, small (3×3/1, no pool) 32×32. Budget
   runs: the standard stem saw 794 steps (20.4 epochs, 107 img/s) and scored 45.1% kNN / 50.5%
-  probe against 34.4 / 40.3% untrained (+10.6 / +10.2 points); the medium stem saw half the
-  epochs (405 steps, 63 img/s) and scored 46.7 / 53.5% against 35.0 / 41.7% (+11.7 / +11.8). It
-  also learns the contrastive task faster per step (training top-1 0.18 against 0.14 at step
-  140). The small stem, the literature's CIFAR choice, costs ~13× the standard one here (≈ 31
-  training img/s): 2-5 epochs in the budget. It is what `configs/cifar10-resnet18.yaml` uses on
-  a GPU.
+  probe against 34.4 / 40.3% untrained (+10.6 / +10.2 points); the medium stem in fp32 saw half
+  the epochs (405 steps, 63 img/s) and scored 46.7 / 53.5% against 35.0 / 41.7% (+11.7 /
+  +11.8). It also learns the contrastive task faster per step (training top-1 0.18 against 0.14
+  at step 140). The small stem, the literature's CIFAR choice, costs ~13× the standard one here
+  (≈ 31 training img/s): 2-5 epochs in the budget. It is what `configs/cifar10-resnet18.yaml`
+  uses on a GPU.
+- **bf16 autocast** (this CPU has AVX512-BF16; the benchmark picks it only where the CPU does):
+  the medium stem trains at ~105 img/s instead of 63, so the budget buys 689 steps (17.7
+  epochs) instead of 405: 48.4% kNN / 56.2% probe (+13.4 / +14.5) against fp32's 46.7 / 53.5%.
 - **2 torch threads, 1 loader worker**: the medium stem is compute-bound (65 img/s against 40
   with 1 thread + 2 workers; the standard stem, augmentation-bound, wanted the opposite).
 - **Colour strength 0.5** (the SimCLR CIFAR setting): 300-step runs gave 42.1% kNN at 0.25,
@@ -76,7 +79,8 @@ batch 256, 7.7 epochs, evaluated with the full train → val protocol, untrained
 
 What limits it: compute. More epochs at low resolution saturate (standard stem: 300 → 794 steps
 added only +1.0 kNN / +2.6 probe points); more resolution inside the network helps (medium stem:
-a bigger gain from half the epochs) but costs 4× per image, and the small stem 13×. Reaching
+a bigger gain from half the epochs) but costs 4× per image, and the small stem 13×; with the
+medium stem, epochs still pay (10.4 → 17.7 epochs through bf16: +1.7 kNN, +2.7 probe). Reaching
 +15 needs about the small stem's cost for tens of epochs — hours on 2 CPU cores, minutes on a GPU
 (`configs/cifar10-resnet18.yaml`; not measured here, no GPU was available). The untrained
 network is also a strong baseline on 32 px images (35% kNN, 42% probe).
@@ -126,7 +130,7 @@ Machine: {machine}.
 Data: `cifar10-small` (10,000 train / 2,000 val JPEGs, 32 px); training ignores the labels.
 Evaluation: `simclr evaluate` train → val; kNN: cosine, k = 20, T = 0.07; linear probe:
 L-BFGS on standardized features, L2 chosen on a held-out fifth of train.
-Run: {args.threads} torch thread(s), {args.workers} DataLoader workers; {args.arch}, {args.stem} stem, {args.image_size} px, batch {args.batch_size},
+Run: {args.threads} torch thread(s), {args.workers} DataLoader workers, {args.precision}; {args.arch}, {args.stem} stem, {args.image_size} px, batch {args.batch_size},
 {args.optimizer} lr {args.lr} per 256 (peak {args.lr * args.batch_size / 256:g}),
 weight decay {args.weight_decay:g}, temperature {args.temperature}, colour strength
 {args.color_strength}, no blur, {steps} steps ≈ {epochs:.1f} epochs, warmup
