@@ -6,6 +6,7 @@ Everything is generated here (no downloads, nothing from ../shared).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -61,6 +62,19 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("images"))
 
 
+def write_checkpoint(path: Path, model: Any, cfg: dict[str, Any], step: int) -> Path:
+    """A v1 checkpoint of ``model`` (a SimCLRModel) as ``simclr train`` writes it."""
+    import torch
+
+    from training.checkpoint import FORMAT
+
+    torch.save(
+        {"format": FORMAT, "model": model.state_dict(), "config": cfg, "step": step, "epoch": 0},
+        path,
+    )
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real v1 checkpoint of an untrained resnet18 at 32 px (standard stem, 32-d projection).
@@ -70,7 +84,6 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """
     import torch
 
-    from training.checkpoint import FORMAT
     from training.model import SimCLRModel
 
     torch.manual_seed(0)
@@ -87,11 +100,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with torch.no_grad():
         for _ in range(3):
             model(torch.randn(8, 3, 32, 32) * 0.5 + 0.2)
-    path = tmp_path_factory.mktemp("ckpt") / "last.pt"
-    torch.save(
-        {"format": FORMAT, "model": model.state_dict(), "config": cfg, "step": 3, "epoch": 0}, path
-    )
-    return path
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "last.pt", model, cfg, step=3)
 
 
 @pytest.fixture(scope="session")

@@ -19,8 +19,7 @@ from typing import Any
 
 from simclr_embed.imageio import IMAGENET_MEAN, IMAGENET_STD, resize_policy_for
 
-# Kept in sync with training.model.RESNETS; repeated here so `--help` needs no torch import.
-# ResNet stems (training.model builds them; kept here so --help needs no torch import).
+# The ResNet trunks and stems training.model builds; here so `--help` needs no torch import.
 STEMS = ("small", "medium", "standard")
 ARCHS = (
     "resnet18",

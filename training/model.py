@@ -14,20 +14,9 @@ import torch
 import torchvision
 from torch import nn
 
-from training.config import STEMS
+from training.config import ARCHS, STEMS
 
-RESNETS = (
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnet152",
-    "resnext50_32x4d",
-    "resnext101_32x8d",
-    "resnext101_64x4d",
-    "wide_resnet50_2",
-    "wide_resnet101_2",
-)
+RESNETS = ARCHS  # the list lives in training.config, which --help reads without torch
 
 
 def default_stem(image_size: int) -> str:

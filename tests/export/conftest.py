@@ -11,7 +11,7 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from training.checkpoint import FORMAT
+from tests.conftest import write_checkpoint
 from training.model import SimCLRModel, build_model
 
 
@@ -47,14 +47,6 @@ def ort_session(path: Path) -> Any:
     import onnxruntime as ort
 
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
-def write_checkpoint(path: Path, model: SimCLRModel, cfg: dict[str, Any], step: int) -> Path:
-    torch.save(
-        {"format": FORMAT, "model": model.state_dict(), "config": cfg, "step": step, "epoch": 0},
-        path,
-    )
-    return path
 
 
 @pytest.fixture(scope="session")

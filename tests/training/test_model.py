@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import write_checkpoint
 from training.model import SimCLRModel, build_model
 
 
@@ -31,14 +32,12 @@ def test_medium_stem_checkpoint_exports_with_parity(tmp_path: Path) -> None:
     import onnxruntime as ort
 
     from export.onnx_export import export_checkpoint
-    from training.checkpoint import FORMAT
 
     torch.manual_seed(0)
     cfg = {"arch": "resnet18", "stem": "medium", "image_size": 32, "proj_dim": 16}
     cfg |= {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     model = SimCLRModel("resnet18", "medium", 16)
-    ckpt = tmp_path / "last.pt"
-    torch.save({"format": FORMAT, "model": model.state_dict(), "config": cfg, "step": 0}, ckpt)
+    ckpt = write_checkpoint(tmp_path / "last.pt", model, cfg, step=0)
     report = export_checkpoint(ckpt, tmp_path / "m.onnx")  # runs the parity check itself
     assert report["metadata"]["simclr.stem"] == "medium"
     # Independent of the exporter's own check: uint8 NHWC in, the graph normalizes.
