@@ -1,8 +1,17 @@
 """The assembled server: grpc.aio + servicer + health + reflection + auth + TLS + metrics + drain.
 
 Start-up order: bind the port and answer health NOT_SERVING at once, then load the model and
-warm it up in a worker thread, then SERVING. Shutdown (SIGTERM/SIGINT): health NOT_SERVING,
-stop taking new RPCs, let in-flight ones finish within ``--grace-s``, drain the batcher, exit 0.
+warm it up in a worker thread, then SERVING.
+
+Shutdown (SIGTERM/SIGINT), drained in the application before gRPC stops (see ``stop``):
+
+    t=0        health NOT_SERVING; every new Embed → UNAVAILABLE "draining" (retryable)
+    t≤grace    the Embed calls accepted before t=0 are decoded, batched and answered
+    t≥delay    --drain-delay-s has passed: load balancers and health watchers have noticed
+    then       gRPC stops (a short settle for the answers to flush), the batcher drains, exit 0
+
+gRPC's own ``stop(grace)`` is only the last step: called while calls are still arriving it
+answers CANCELLED to those not yet handed to a handler (grpc/grpc#41785).
 """
 
 from __future__ import annotations
@@ -10,7 +19,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import signal
+import sys
+from collections.abc import Awaitable
+from typing import NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -31,6 +44,8 @@ log = logging.getLogger(__name__)
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+_SETTLE_S = 0.5  # after the last answer: time for it to leave before gRPC stops
+_QUIET_S, _QUIET_MAX_S = 0.05, 1.0  # a quiet moment with no new call, and how long to hope
 
 
 def _address(host: str, port: int) -> str:
@@ -60,6 +75,7 @@ class EmbeddingServer:
         )
         self._health = health.aio.HealthServicer()
         self.grpc_server: grpc.aio.Server | None = None
+        self._hurry = asyncio.Event()  # a second signal: stop waiting for the drain
 
     @property
     def max_inflight(self) -> int:
@@ -173,19 +189,82 @@ class EmbeddingServer:
         if method.endswith("/Embed"):
             self.metrics.request_done("UNAUTHENTICATED", 0)
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Drain: NOT_SERVING, refuse new RPCs, give in-flight ones ``grace`` seconds, clean up."""
+    @property
+    def hurried(self) -> bool:
+        return self._hurry.is_set()
+
+    def hurry(self) -> None:
+        """Cut a drain in progress short: stop gRPC now, cancelling what still runs."""
+        self._hurry.set()
+
+    async def _wait_or_hurry(self, aw: Awaitable[object], timeout: float) -> None:
+        """Wait for ``aw`` at most ``timeout`` seconds, or until :meth:`hurry` is called."""
+        job = asyncio.ensure_future(aw)
+        hurry = asyncio.ensure_future(self._hurry.wait())
+        try:
+            await asyncio.wait(
+                (job, hurry), timeout=max(0.0, timeout), return_when="FIRST_COMPLETED"
+            )
+        finally:
+            for task in (job, hurry):
+                task.cancel()
+
+    async def drain(self, grace: float | None = None, drain_delay: float | None = None) -> None:
+        """Refuse new calls, answer the accepted ones, linger (the module docstring's timeline).
+
+        Args:
+            grace: most seconds the calls accepted before the drain get to finish.
+            drain_delay: least seconds between the drain's start and its end, during which new
+                calls are answered UNAVAILABLE and health says NOT_SERVING.
+        """
         grace = self.cfg.grace_s if grace is None else grace
+        delay = self.cfg.drain_delay_s if drain_delay is None else drain_delay
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        self._servicer.drain()  # before the health flip: nothing new is accepted once it shows
         await self._health.enter_graceful_shutdown()  # every service NOT_SERVING, for good
+        if self._servicer.inflight:
+            log.info("draining %d request(s) in flight", self._servicer.inflight)
+        await self._wait_or_hurry(self._servicer.wait_idle(None), grace)
+        if self._servicer.inflight and not self._hurry.is_set():
+            log.warning(
+                "grace of %.1f s over: cancelling %d request(s)", grace, self._servicer.inflight
+            )
+        await self._wait_or_hurry(self._hurry.wait(), started + delay - loop.time())
+        # Clients that follow health or back off from UNAVAILABLE have gone by now; wait
+        # (briefly) for a quiet moment, so that nothing is in transit when the port closes.
+        quiet_until = loop.time() + _QUIET_MAX_S
+        while not self._hurry.is_set() and loop.time() < quiet_until:
+            since = loop.time() - self._servicer.last_call
+            if since >= _QUIET_S:
+                break
+            await asyncio.sleep(_QUIET_S - since)
+
+    async def stop(self, grace: float | None = None, drain_delay: float | None = None) -> None:
+        """:meth:`drain`, then stop gRPC and release everything; safe to call twice.
+
+        gRPC's stop answers CANCELLED to calls that reach the port in its last instant; the
+        ``simclr serve`` process avoids even that by exiting instead (:func:`serve`).
+        """
+        await self.drain(grace, drain_delay)
         if self.grpc_server is not None:
-            # New RPCs are refused from here on; running handlers keep going until `grace`.
-            await self.grpc_server.stop(grace)
-        self._servicer.drain()
+            # Only health watchers (long-lived streams) and answers being flushed are left:
+            # a short settle, then gRPC cancels whatever still runs.
+            settle = 0.0 if self._hurry.is_set() or self._servicer.inflight else _SETTLE_S
+            await self.grpc_server.stop(settle)
+        await self.release()
+
+    async def release(self) -> None:
+        """Stop the batcher, pools and metrics endpoint; log the final answer counts."""
         if self._batcher is not None:
-            await self._batcher.stop(timeout=max(grace, 1.0))
+            await self._batcher.stop(timeout=1.0)
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
         self.metrics.close()
-        log.info("stopped")
+        counts = self.metrics.request_counts()
+        log.info(
+            "stopped; Embed calls answered: %s",
+            " ".join(f"{code}={n}" for code, n in sorted(counts.items()) if n) or "none",
+        )
 
 
 async def serve(cfg: ServeConfig) -> int:
@@ -193,23 +272,41 @@ async def serve(cfg: ServeConfig) -> int:
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     server = EmbeddingServer(cfg)
-    forced: list[asyncio.Task[None]] = []  # keeps the task referenced until it is done
 
     def on_signal(sig: signal.Signals) -> None:
         if not stop_requested.is_set():
-            log.info("%s: draining (grace %.1f s; signal again to stop now)", sig.name, cfg.grace_s)
+            log.info(
+                "%s: draining (grace %.1f s, drain delay %.1f s; signal again to stop now)",
+                sig.name,
+                cfg.grace_s,
+                cfg.drain_delay_s,
+            )
             stop_requested.set()
-        elif server.grpc_server is not None:
+        else:
             log.warning("%s again: cancelling in-flight requests", sig.name)
-            forced.append(loop.create_task(server.grpc_server.stop(0)))
+            server.hurry()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     try:
         await server.start()
     except BaseException:
-        await server.stop(0)
+        await server.stop(0, drain_delay=0)
         raise
     await stop_requested.wait()
-    await server.stop(cfg.grace_s)
-    return 0
+    await server.drain()
+    # Every accepted call is answered. gRPC's own stop would now answer CANCELLED to any call
+    # still arriving (grpc/grpc#41785); ending the process closes the connections instead, which
+    # clients see as UNAVAILABLE — retryable, and true: this server is gone.
+    await asyncio.sleep(0.0 if server.hurried else _SETTLE_S)  # the last answers leave
+    await server.release()
+    _exit_now(0)
+    return 0  # not reached
+
+
+def _exit_now(code: int) -> NoReturn:
+    """End the process at once (no interpreter teardown that could touch gRPC's calls)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -6,12 +6,18 @@
 Images may be paths, encoded file bytes, PIL images or uint8 HWC arrays (gray, RGB or RGBA).
 Large lists are sent as several requests of at most ``max_batch`` images (and well under the
 message limit), optionally ``concurrency`` at a time, and reassembled in order.
+
+Rolling restarts cost latency, not errors (:func:`service_config`): the channel balances
+round-robin over every address the target resolves to, watches each server's health and sends
+only to SERVING ones, waits for one to be ready (up to the call's timeout) instead of failing
+fast, and retries UNAVAILABLE / RESOURCE_EXHAUSTED answers with gRPC's own exponential backoff.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import os
 import re
 import time
@@ -34,6 +40,39 @@ Progress = Callable[[int], None]  # called with the number of images just embedd
 KINDS = {"features": pb.EMBEDDING_KIND_FEATURES, "projection": pb.EMBEDDING_KIND_PROJECTION}
 SERVICE = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
 _INDEX_RE = re.compile(r"^image (\d+): ")
+
+# gRPC caps maxAttempts at 5. Backoff n waits random(0, min(initial·mult^(n-1), max)) seconds.
+RETRY_POLICY: dict[str, Any] = {
+    "maxAttempts": 5,
+    "initialBackoff": "0.1s",
+    "maxBackoff": "2s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+}
+
+
+def service_config(*, retry: bool = True, health_check: bool = True) -> dict[str, Any]:
+    """The channel's service config (gRPC's own machinery, no hand-written retry loop).
+
+    - ``round_robin`` over every resolved address (a ``dns:///`` name of a headless Service,
+      or ``ipv4:a:p,b:p``), each server's health watched through ``grpc.health.v1`` (A17):
+      a draining server is left the moment it says NOT_SERVING, before its port closes;
+    - ``waitForReady``: while no server is SERVING (a restart, a rollout) a call waits, up to
+      its deadline, instead of failing at once;
+    - ``retryPolicy`` (:data:`RETRY_POLICY`): UNAVAILABLE and RESOURCE_EXHAUSTED answers are
+      retried with exponential backoff and jitter — both are safe for ``Embed``, a pure
+      function of its request.
+    """
+    method: dict[str, Any] = {"name": [{"service": SERVICE}], "waitForReady": True}
+    if retry:
+        method["retryPolicy"] = RETRY_POLICY
+    config: dict[str, Any] = {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [method],
+    }
+    if health_check:
+        config["healthCheckConfig"] = {"serviceName": SERVICE}
+    return config
 
 
 class EmbeddingError(RuntimeError):
@@ -110,6 +149,28 @@ def _error(exc: grpc.RpcError, start: int) -> EmbeddingError:
     return EmbeddingError(code, f"image {index}: {details[match.end() :]}", index)
 
 
+_PROBE_S = 5.0  # health probes fail fast: they answer "is anyone there?"
+
+
+def _unreachable(target: str, timeout: float | None, probe: grpc.RpcError) -> EmbeddingError | None:
+    if probe.code() != grpc.StatusCode.UNAVAILABLE:
+        return None
+    return EmbeddingError(
+        grpc.StatusCode.UNAVAILABLE,
+        f"no server reachable at {target} within {timeout:g} s: {probe.details()}",
+    )
+
+
+def _not_serving(target: str, timeout: float | None, status: str) -> EmbeddingError | None:
+    if status == "SERVING":
+        return None
+    return EmbeddingError(
+        grpc.StatusCode.UNAVAILABLE,
+        f"{target} is {status} (starting up or draining) and no SERVING server answered "
+        f"within {timeout:g} s",
+    )
+
+
 def _info_dict(r: pb.GetModelInfoResponse) -> dict[str, Any]:
     return {
         "model_version": r.model_version,
@@ -141,6 +202,7 @@ class _ClientBase:
         timeout: float | None,
         max_batch: int,
         max_message_mb: int,
+        retry: bool = True,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
@@ -148,14 +210,40 @@ class _ClientBase:
         self._max_bytes = int(max_message_mb * 2**20 * 0.9)  # headroom for the message framing
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._creds = _credentials(tls)
-        self._options = [
+        limits = [
             ("grpc.max_send_message_length", max_message_mb * 2**20),
             ("grpc.max_receive_message_length", max_message_mb * 2**20),
         ]
+        self._options = [
+            *limits,
+            ("grpc.service_config", json.dumps(service_config(retry=retry))),
+            ("grpc.enable_retries", int(retry)),
+            # A call is retried only while its request is still buffered (default 256 KiB).
+            ("grpc.per_rpc_retry_buffer_size", max_message_mb * 2**20),
+        ]
+        # Health checks go over a channel of their own: on the main one, a NOT_SERVING server is
+        # not routed to at all, so its health could not be asked.
+        self._health_options = limits
+
+    def _make_channel(self, aio: bool, options: list[tuple[str, Any]]) -> Any:
+        mod = grpc.aio if aio else grpc
+        if self._creds is None:
+            return mod.insecure_channel(self.target, options=options)
+        return mod.secure_channel(self.target, self._creds, options=options)
 
 
 class EmbeddingClient(_ClientBase):
-    """Blocking client; thread-safe (one channel, any number of threads)."""
+    """Blocking client; thread-safe (one channel, any number of threads).
+
+    Args:
+        target: ``HOST:PORT``, ``dns:///name:port`` (every address, round-robin) or
+            ``ipv4:a:p,b:p``.
+        token: bearer token for a server started with ``--auth-token``.
+        tls: ``False``, ``True`` (system roots) or a root CA (path or PEM bytes).
+        timeout: seconds per call, waiting for a SERVING server and retries included.
+        max_batch: most images per request.
+        retry: gRPC's retry policy (:data:`RETRY_POLICY`); ``False`` sends every call once.
+    """
 
     def __init__(
         self,
@@ -166,14 +254,13 @@ class EmbeddingClient(_ClientBase):
         timeout: float | None = 60.0,
         max_batch: int = 64,
         max_message_mb: int = 64,
+        retry: bool = True,
     ) -> None:
-        super().__init__(target, token, tls, timeout, max_batch, max_message_mb)
-        if self._creds is None:
-            self._channel = grpc.insecure_channel(target, options=self._options)
-        else:
-            self._channel = grpc.secure_channel(target, self._creds, options=self._options)
+        super().__init__(target, token, tls, timeout, max_batch, max_message_mb, retry)
+        self._channel = self._make_channel(False, self._options)
+        self._health_channel = self._make_channel(False, self._health_options)
         self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._health_channel)
 
     def embed(
         self,
@@ -231,8 +318,18 @@ class EmbeddingClient(_ClientBase):
                 _request(chunk, kind, normalize), timeout=self.timeout, metadata=self._metadata
             )
         except grpc.RpcError as exc:
-            raise _error(exc, start) from None
+            raise self._explained(exc, start) from None
         return start, _to_array(response)
+
+    def _explained(self, exc: grpc.RpcError, start: int) -> EmbeddingError:
+        """A call that timed out waiting for a SERVING server says why no server answered."""
+        if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+            return _error(exc, start)
+        try:
+            status = self.health()
+        except grpc.RpcError as probe:
+            return _unreachable(self.target, self.timeout, probe) or _error(exc, start)
+        return _not_serving(self.target, self.timeout, status) or _error(exc, start)
 
     def model_info(self) -> dict[str, Any]:
         """Model version, arch, image size, dimensions, max batch size and providers."""
@@ -241,12 +338,15 @@ class EmbeddingClient(_ClientBase):
                 pb.GetModelInfoRequest(), timeout=self.timeout, metadata=self._metadata
             )
         except grpc.RpcError as exc:
-            raise _error(exc, 0) from None
+            raise self._explained(exc, 0) from None
         return _info_dict(r)
 
     def health(self, service: str = SERVICE) -> str:
-        """``"SERVING"``, ``"NOT_SERVING"``, ... (health needs no token)."""
-        r = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
+        """``"SERVING"``, ``"NOT_SERVING"``, ... (health needs no token; fails fast)."""
+        r = self._health.Check(
+            health_pb2.HealthCheckRequest(service=service),
+            timeout=min(self.timeout or _PROBE_S, _PROBE_S),
+        )
         return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
 
     def wait_until_serving(self, timeout: float = 60.0) -> None:
@@ -264,6 +364,7 @@ class EmbeddingClient(_ClientBase):
 
     def close(self) -> None:
         self._channel.close()
+        self._health_channel.close()
 
     def __enter__(self) -> EmbeddingClient:
         return self
@@ -284,13 +385,30 @@ class AsyncEmbeddingClient(_ClientBase):
         timeout: float | None = 60.0,
         max_batch: int = 64,
         max_message_mb: int = 64,
+        retry: bool = True,
     ) -> None:
-        super().__init__(target, token, tls, timeout, max_batch, max_message_mb)
-        if self._creds is None:
-            self._channel = grpc.aio.insecure_channel(target, options=self._options)
-        else:
-            self._channel = grpc.aio.secure_channel(target, self._creds, options=self._options)
+        super().__init__(target, token, tls, timeout, max_batch, max_message_mb, retry)
+        self._channel = self._make_channel(True, self._options)
+        self._health_channel = self._make_channel(True, self._health_options)
         self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._health_channel)
+
+    async def _explained(self, exc: grpc.RpcError, start: int) -> EmbeddingError:
+        if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+            return _error(exc, start)
+        try:
+            status = await self.health()
+        except grpc.RpcError as probe:
+            return _unreachable(self.target, self.timeout, probe) or _error(exc, start)
+        return _not_serving(self.target, self.timeout, status) or _error(exc, start)
+
+    async def health(self, service: str = SERVICE) -> str:
+        """``"SERVING"``, ``"NOT_SERVING"``, ... (health needs no token; fails fast)."""
+        r = await self._health.Check(
+            health_pb2.HealthCheckRequest(service=service),
+            timeout=min(self.timeout or _PROBE_S, _PROBE_S),
+        )
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
 
     async def embed(
         self,
@@ -311,7 +429,7 @@ class AsyncEmbeddingClient(_ClientBase):
                     _request(chunk, kind, normalize), timeout=self.timeout, metadata=self._metadata
                 )
             except grpc.RpcError as exc:
-                raise _error(exc, start) from None
+                raise await self._explained(exc, start) from None
             finally:
                 slots.release()
             return _to_array(response)
@@ -337,11 +455,12 @@ class AsyncEmbeddingClient(_ClientBase):
                 pb.GetModelInfoRequest(), timeout=self.timeout, metadata=self._metadata
             )
         except grpc.RpcError as exc:
-            raise _error(exc, 0) from None
+            raise await self._explained(exc, 0) from None
         return _info_dict(r)
 
     async def close(self) -> None:
         await self._channel.close()
+        await self._health_channel.close()
 
     async def __aenter__(self) -> AsyncEmbeddingClient:
         return self

@@ -10,6 +10,10 @@ from pathlib import Path
 from server.images import DEFAULT_MAX_PIXELS
 
 TOKEN_ENV = "SIMCLR_AUTH_TOKEN"
+# Kubernetes removes a terminating pod from its Services while it sends SIGTERM; kube-proxy,
+# DNS caches and clients' health watches take a few seconds to follow. Answering UNAVAILABLE
+# (and NOT_SERVING) for this long before the port closes gives them that time.
+DEFAULT_DRAIN_DELAY_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,7 @@ class ServeConfig:
     tls_key: Path | None = None
     auth_token: str | None = field(default=None, repr=False)  # never logged
     grace_s: float = 30.0
+    drain_delay_s: float = DEFAULT_DRAIN_DELAY_S
     max_message_mb: int = 64
     log_level: str = "info"
 
@@ -117,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="on SIGTERM/SIGINT, seconds in-flight requests get to finish [30]",
     )
+    p.add_argument(
+        "--drain-delay-s",
+        type=float,
+        default=DEFAULT_DRAIN_DELAY_S,
+        help="on SIGTERM/SIGINT, least seconds between the drain's start and closing the port; "
+        "meanwhile new calls get UNAVAILABLE and health says NOT_SERVING, so load balancers "
+        f"and clients move away first (runs alongside --grace-s) [{DEFAULT_DRAIN_DELAY_S:g}]",
+    )
     p.add_argument("--max-message-mb", type=int, default=64, help="largest gRPC message [64]")
     p.add_argument(
         "--log-level",
@@ -136,7 +149,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     for name in ("max_inflight", "decode_threads", "intra_op_threads"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("max_delay_ms", "grace_s"):
+    for name in ("max_delay_ms", "grace_s", "drain_delay_s"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     for name in ("port", "metrics_port"):
@@ -167,6 +180,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         tls_key=args.tls_key,
         auth_token=token or None,
         grace_s=args.grace_s,
+        drain_delay_s=args.drain_delay_s,
         max_message_mb=args.max_message_mb,
         log_level=args.log_level,
     )

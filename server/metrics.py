@@ -88,6 +88,14 @@ class Metrics:
         if code == "OK":
             self.images.inc(images)
 
+    def request_counts(self) -> dict[str, int]:
+        """``{code: Embed calls answered}`` so far (what ``simclr_requests_total`` exposes)."""
+        return {
+            sample.labels["code"]: int(sample.value)
+            for sample in self.requests.collect()[0].samples
+            if sample.name == "simclr_requests_total"
+        }
+
     # -- exposition ------------------------------------------------------------------------------
 
     def serve(self, host: str, port: int) -> int:

@@ -58,7 +58,14 @@ class Backend:
 
 
 class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
-    """Answers UNAVAILABLE until :meth:`attach` and after :meth:`drain`."""
+    """Answers UNAVAILABLE until :meth:`attach` and after :meth:`drain`.
+
+    Draining is done here, in the application, rather than by ``grpc.aio.Server.stop(grace)``
+    alone: gRPC's stop answers CANCELLED to calls that have arrived but not yet reached a handler
+    (grpc/grpc#41785), and CANCELLED is never retried. While draining, every new call reaches
+    this handler and is answered UNAVAILABLE (retryable); :meth:`wait_idle` tells the server when
+    the calls accepted before the drain have all been answered.
+    """
 
     def __init__(
         self,
@@ -72,31 +79,72 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         self._max_request_images = max_request_images
         self._backend: Backend | None = None
         self._accepting = False
+        self._refusal = "server is starting up (model loading)"
+        self._inflight = 0  # Embed calls accepted and not yet answered
+        self.last_call = 0.0  # loop.time() of the latest Embed call to arrive
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def attach(self, backend: Backend) -> None:
         self._backend = backend
         self._accepting = True
 
     def drain(self) -> None:
+        """Refuse every new call (UNAVAILABLE) from now on; accepted ones run to the end."""
         self._accepting = False
+        self._refusal = "server is draining (shutting down); retry, another replica will answer"
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    async def wait_idle(self, timeout: float | None) -> bool:
+        """Wait until no accepted call is left (True) or ``timeout`` seconds pass (False)."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     async def Embed(
+        self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> pb.EmbedResponse:
+        self.last_call = asyncio.get_running_loop().time()
+        if not self._accepting:  # starting up or draining: not counted as in flight
+            self._metrics.request_done(
+                "DEADLINE_EXCEEDED" if _caller_gone(context) else "UNAVAILABLE", 0
+            )
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, self._refusal)
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            return await self._answer(request, context)
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+
+    async def _answer(
         self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> pb.EmbedResponse:
         try:
             response = await self._embed(request, context)
         except RpcFailure as exc:
+            if _caller_gone(context):  # nobody is listening for the answer any more
+                self._metrics.request_done(_gone_code(context), 0)
+                log.debug("Embed n=%d: caller gone before its %s", len(request.images), exc.code)
+                raise asyncio.CancelledError from None
             self._metrics.request_done(exc.code.name, 0)
             log.debug("Embed n=%d -> %s: %s", len(request.images), exc.code.name, exc.details)
-            await context.abort(exc.code, exc.details)
+            await _abort(context, exc.code, exc.details)
         except asyncio.CancelledError:  # client gone or deadline hit: grpc cancels this task
-            self._metrics.request_done("CANCELLED", 0)
+            self._metrics.request_done(_gone_code(context), 0)
             raise
         except Exception as exc:
             self._metrics.request_done("INTERNAL", 0)
             log.exception("Embed failed")
-            await context.abort(
-                grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+            await _abort(
+                context, grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
             )
         self._metrics.request_done("OK", len(request.images))
         return response
@@ -122,8 +170,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> pb.EmbedResponse:
         backend = self._backend
-        if backend is None or not self._accepting:
-            raise RpcFailure(grpc.StatusCode.UNAVAILABLE, "server is starting up or draining")
+        assert backend is not None  # accepting implies attached
         if request.kind not in _OUTPUT_FOR_KIND:
             raise RpcFailure(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -208,3 +255,30 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             raise ImageError("neither encoded bytes nor raw pixels are set")
         finally:  # refused images cost decode time too
             self._metrics.decode_seconds.observe(time.perf_counter() - started)
+
+
+def _caller_gone(context: grpc.aio.ServicerContext) -> bool:
+    """The call's deadline has passed (grpc cancels it; an answer could no longer be sent)."""
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
+
+
+def _gone_code(context: grpc.aio.ServicerContext) -> str:
+    """What the caller saw when it went away: its own deadline, or a cancel."""
+    return "DEADLINE_EXCEEDED" if _caller_gone(context) else "CANCELLED"
+
+
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> None:
+    """``context.abort``, quiet when the call ended under us (client cancelled or timed out).
+
+    Sending the status of a call the client has just abandoned fails inside grpc with an
+    ``ExecuteBatchError`` that grpc logs at ERROR with a traceback; for a normal event (a client
+    giving up) the answer is simply dropped, like a cancel.
+    """
+    try:
+        await context.abort(code, details)
+    except grpc.aio.AbortError:
+        raise  # the normal way abort ends the handler
+    except Exception as exc:
+        log.debug("could not send %s (caller gone): %s", code.name, exc)
+        raise asyncio.CancelledError from None

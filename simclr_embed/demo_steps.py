@@ -90,6 +90,9 @@ class Server:
             device,
             "--grace-s",
             "10",
+            # Nobody balances load across the demo's one server: no need to linger on SIGTERM.
+            "--drain-delay-s",
+            "0",
         )
         show_command(args)
         log_path.parent.mkdir(parents=True, exist_ok=True)

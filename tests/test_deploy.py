@@ -52,9 +52,13 @@ def test_k8s_probes_use_grpc_health_on_the_served_port() -> None:
         assert c[probe]["grpc"] == {"port": grpc_port}, probe
     gpu = "nvidia.com/gpu"
     assert c["resources"]["limits"][gpu] == 1 and c["resources"]["requests"][gpu] == 1
+
     # The pod must outlive the server's drain, or SIGKILL cuts in-flight requests.
-    grace = next(float(a.split("=", 1)[1]) for a in c["args"] if a.startswith("--grace-s="))
-    assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > grace
+    def flag(name: str) -> float:
+        return next(float(a.split("=", 1)[1]) for a in c["args"] if a.startswith(f"--{name}="))
+
+    longest = max(flag("grace-s"), flag("drain-delay-s")) + 1  # + the settle before exit
+    assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > longest
     assert dep["spec"]["template"]["spec"]["securityContext"]["runAsUser"] != 0
 
 

@@ -6,7 +6,13 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import io
+import os
+import re
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
@@ -56,8 +62,69 @@ class ServerThread:
         self.loop.close()
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
+class ServerProcess:
+    """``python -m server ARGS`` as a real process; its stderr is collected in ``lines``."""
+
+    def __init__(self, *args: str) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server", *args],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        assert self.proc.stderr is not None
+        self._reader = threading.Thread(
+            target=lambda: self.lines.extend(iter(self.proc.stderr.readline, "")),  # type: ignore[union-attr]
+            daemon=True,
+        )
+        self._reader.start()
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def wait_serving(self, timeout: float = 120) -> int:
+        """Block until the log says SERVING; returns the gRPC port."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            found = re.search(r"SERVING on 127\.0\.0\.1:(\d+)", self.log)
+            if found:
+                return int(found.group(1))
+            assert self.proc.poll() is None, self.log
+            time.sleep(0.05)
+        raise AssertionError(f"not SERVING after {timeout} s:\n{self.log}")
+
+    def metrics_port(self) -> int:
+        found = re.search(r"metrics on http://127\.0\.0\.1:(\d+)", self.log)
+        assert found, self.log
+        return int(found.group(1))
+
+    def terminate(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float) -> int:
+        code = self.proc.wait(timeout=timeout)
+        self._reader.join(10)
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(10)
+
+
 def serve_config(model: Path, **overrides: Any) -> ServeConfig:
-    base = ServeConfig(model=model, port=0, device="cpu", max_delay_ms=5.0, grace_s=5.0)
+    base = ServeConfig(
+        model=model, port=0, device="cpu", max_delay_ms=5.0, grace_s=5.0, drain_delay_s=0.0
+    )
     return dataclasses.replace(base, **overrides)
 
 
