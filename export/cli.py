@@ -46,6 +46,7 @@ class ExportConfig:
     triton_max_delay_us: int = 2000
     triton_instances: int = 1
     triton_kind: str = "auto"  # auto | cpu | gpu
+    torch_program: Path | None = None
     seed: int = 0
 
 
@@ -123,6 +124,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         default="auto",
         help="Triton instance_group kind (KIND_AUTO/KIND_CPU/KIND_GPU)",
     )
+    p.add_argument(
+        "--torch-program",
+        type=Path,
+        default=None,
+        metavar="PATH.pt2",
+        help="also write a torch.export program of the same model (same input, outputs and "
+        "metadata) for `simclr serve --model PATH.pt2` (torch runtime: bf16 on CUDA)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random verification images")
     return p
 
@@ -146,6 +155,13 @@ def parse_config(argv: Sequence[str] | None = None) -> ExportConfig:
         parser.error("argument --triton-max-delay-us: must be 0 or more")
     if args.triton_instances < 1:
         parser.error("argument --triton-instances: must be at least 1")
+    if args.torch_program is not None and (args.fp16 or args.quantize):
+        parser.error(
+            "argument --torch-program: writes the fp32 program (the torch runtime picks bf16/fp16 "
+            "on the GPU itself); export it without --fp16/--quantize"
+        )
+    if args.torch_program is not None and args.torch_program.suffix != ".pt2":
+        parser.error(f"argument --torch-program: expected a .pt2 path, got {args.torch_program}")
     if not TRITON_NAME_RE.match(args.triton_name):
         parser.error(f"argument --triton-name: {args.triton_name!r} is not a valid model name")
     return ExportConfig(**vars(args))
@@ -232,6 +248,12 @@ def print_report(report: dict[str, Any]) -> None:
     )
     if report.get("triton"):
         print(f"wrote Triton model {report['triton']['config']}")
+    program = report.get("torch_program")
+    if program:
+        checked = "parity ok vs PyTorch at N=1,7" if program.get("parity") else "not verified"
+        print(
+            f"wrote torch program {program['output']} ({program['bytes'] / 1e6:.1f} MB, {checked})"
+        )
     if not report.get("parity") and not report.get("fp32_parity"):
         print("parity check skipped (--no-verify)")
 
@@ -251,6 +273,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_queue_delay_us=cfg.triton_max_delay_us,
             instances=cfg.triton_instances,
             kind=cfg.triton_kind,
+        )
+    if cfg.torch_program is not None:
+        from export.torch_program import export_torch_program
+
+        report["torch_program"] = export_torch_program(
+            cfg.checkpoint, cfg.torch_program, report["metadata"], verify=cfg.verify, seed=cfg.seed
         )
     print_report(report)
     return 0

@@ -62,13 +62,16 @@ class ImageEncoder(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 1, 1, 3))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = (images.float() / 255.0 - self.mean) / self.std  # [N, S, S, 3] float32
+        # uint8 / float promotes to float32. No explicit .float()/.to(): torch.export records
+        # those with the tracing device and dtype asserted, which would pin a torch program to
+        # the CPU and break autocast (the torch runtime serves the same wrapper on CUDA).
+        x = (images / 255.0 - self.mean) / self.std  # [N, S, S, 3] float32
         x = x.permute(0, 3, 1, 2)  # [N, 3, S, S]
-        if self.half:
-            x = x.half()
-        h = self.model.forward_features(x)  # [N, F]
-        z = self.model.forward_head(h)  # [N, P]
-        return h.float(), z.float()
+        if not self.half:
+            h = self.model.forward_features(x)  # [N, F]
+            return h, self.model.forward_head(h)  # [N, P]
+        h = self.model.forward_features(x.half())
+        return h.float(), self.model.forward_head(h).float()
 
 
 def load_encoder(

@@ -36,7 +36,7 @@ from server.config import ServeConfig
 from server.images import Preprocessor
 from server.metrics import Metrics
 from server.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc
-from server.runtime import OnnxRuntime, usable_cores
+from server.runtime import Runtime, open_runtime, usable_cores
 from server.servicer import SERVICE_NAME, Backend, EmbeddingServicer
 from simclr_embed.errors import SimclrError
 
@@ -63,7 +63,7 @@ class EmbeddingServer:
         self.metrics = Metrics()
         self.port: int | None = None
         self.metrics_port: int | None = None
-        self.runtime: OnnxRuntime | None = None
+        self.runtime: Runtime | None = None
         self._batcher: DynamicBatcher | None = None
         self._decode_pool = concurrent.futures.ThreadPoolExecutor(
             cfg.decode_threads or usable_cores(), thread_name_prefix="simclr-decode"
@@ -152,8 +152,8 @@ class EmbeddingServer:
             inflight,
         )
 
-    def _load_model(self) -> OnnxRuntime:
-        runtime = OnnxRuntime(
+    def _load_model(self) -> Runtime:
+        runtime = open_runtime(
             self.cfg.model,
             device=self.cfg.device,
             max_batch_size=self.cfg.max_batch_size,
@@ -162,6 +162,7 @@ class EmbeddingServer:
             intra_op_threads=self.cfg.intra_op_threads
             or max(1, usable_cores() // self.max_inflight),
             tensorrt=self.cfg.tensorrt,
+            precision=self.cfg.precision,
         )
         runtime.warm_up()
         return runtime

@@ -31,6 +31,7 @@ class ServeConfig:
     decode_threads: int = 0  # 0: usable cores
     intra_op_threads: int = 0  # 0: usable cores / max_inflight
     tensorrt: bool = False
+    precision: str = "auto"  # torch runtime (.pt2) only
     metrics_port: int | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -50,7 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="simclr serve",
         description="Serve an exported SimCLR ONNX model over gRPC with dynamic batching.",
     )
-    p.add_argument("--model", type=Path, required=True, help="the .onnx file from export-onnx")
+    p.add_argument(
+        "--model",
+        type=Path,
+        required=True,
+        help="the .onnx file from export-onnx (ONNX Runtime), or its --torch-program .pt2 "
+        "(torch runtime; needs torch)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind [127.0.0.1]")
     p.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one [50051]")
     p.add_argument(
@@ -101,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="ONNX Runtime CPU threads per model call; 0 = cores / max-inflight [0]",
     )
     p.add_argument("--tensorrt", action="store_true", help="try the TensorRT provider first (GPU)")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp16", "fp32"),
+        default="auto",
+        help=".pt2 models: autocast dtype; auto = bf16 on a GPU (fp16 without bf16), fp32 on "
+        "CPU (an .onnx model runs in the precision it was exported in) [auto]",
+    )
     p.add_argument(
         "--metrics-port",
         type=int,
@@ -175,6 +189,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         decode_threads=args.decode_threads,
         intra_op_threads=args.intra_op_threads,
         tensorrt=args.tensorrt,
+        precision=args.precision,
         metrics_port=args.metrics_port,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,

@@ -18,8 +18,10 @@ import hashlib
 import logging
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -181,7 +183,8 @@ class OnnxRuntime:
             outs = self.session.run(list(OUTPUTS), {INPUT: images})
             return dict(zip(OUTPUTS, outs, strict=True))
         n = len(images)
-        padded = self._pad(images)  # [bucket, S, S, 3]
+        assert self.buckets is not None
+        padded = pad_to_bucket(images, self.buckets)  # [bucket, S, S, 3]
         binding = self.session.io_binding()
         binding.bind_cpu_input(INPUT, padded)
         for name in OUTPUTS:  # outputs stay on the GPU until one copy at the end
@@ -189,15 +192,6 @@ class OnnxRuntime:
         self.session.run_with_iobinding(binding)
         outs = binding.copy_outputs_to_cpu()
         return {name: out[:n] for name, out in zip(OUTPUTS, outs, strict=True)}
-
-    def _pad(self, images: np.ndarray) -> np.ndarray:
-        assert self.buckets is not None
-        n = len(images)
-        bucket = next((b for b in self.buckets if b >= n), n)
-        if bucket == n:
-            return np.ascontiguousarray(images)
-        pad = np.zeros((bucket - n, *images.shape[1:]), images.dtype)
-        return np.concatenate([images, pad])
 
     def warm_up(self) -> None:
         """Run every batch shape the server will use once (arena growth, cuDNN autotuning)."""
@@ -223,7 +217,28 @@ def read_model_info(session: ort.InferenceSession, path: Path) -> ModelInfo:
     missing = [name for name in OUTPUTS if name not in outputs]
     if missing:
         raise SimclrError(f"{path}: model has no output(s) {missing}")
-    meta = session.get_modelmeta().custom_metadata_map
+    side = inputs[INPUT].shape[1]
+    info = model_info_from_metadata(
+        session.get_modelmeta().custom_metadata_map,
+        path,
+        image_size=side,
+        feature_dim=outputs["features"].shape[1],
+        projection_dim=outputs["projection"].shape[1],
+    )
+    if isinstance(side, int) and side != info.image_size:
+        raise SimclrError(f"{path}: metadata says {info.image_size} px, the graph takes {side}")
+    return info
+
+
+def model_info_from_metadata(
+    meta: Mapping[str, str],
+    path: Path,
+    *,
+    image_size: object = None,
+    feature_dim: object = None,
+    projection_dim: object = None,
+) -> ModelInfo:
+    """``ModelInfo`` from CONTRACT §3 ``simclr.*`` keys; the keyword values are fallbacks."""
 
     def number(key: str, fallback: object) -> int:
         value = meta.get(key, fallback)
@@ -232,11 +247,7 @@ def read_model_info(session: ort.InferenceSession, path: Path) -> ModelInfo:
         except (TypeError, ValueError):
             raise SimclrError(f"{path}: cannot tell {key} (metadata {value!r})") from None
 
-    size = number("simclr.image_size", inputs[INPUT].shape[1])
-    if isinstance(inputs[INPUT].shape[1], int) and inputs[INPUT].shape[1] != size:
-        raise SimclrError(
-            f"{path}: metadata says {size} px, the graph takes {inputs[INPUT].shape[1]}"
-        )
+    size = number("simclr.image_size", image_size)
     version = meta.get("simclr.model_version")
     if not version:
         version = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
@@ -246,8 +257,68 @@ def read_model_info(session: ort.InferenceSession, path: Path) -> ModelInfo:
         model_version=version,
         arch=meta.get("simclr.arch", "unknown"),
         image_size=size,
-        feature_dim=number("simclr.feature_dim", outputs["features"].shape[1]),
-        projection_dim=number("simclr.projection_dim", outputs["projection"].shape[1]),
+        feature_dim=number("simclr.feature_dim", feature_dim),
+        projection_dim=number("simclr.projection_dim", projection_dim),
         resize=meta.get("simclr.resize") or resize_policy_for(size),
         train_step=int(step) if step and step.lstrip("-").isdigit() else None,
     )
+
+
+class Runtime(Protocol):
+    """What the batcher and the servicer use of a runtime (ONNX Runtime or torch)."""
+
+    info: ModelInfo
+    providers: list[str]
+    on_gpu: bool
+
+    def encode(self, images: np.ndarray) -> dict[str, np.ndarray]: ...
+
+    def warm_up(self) -> None: ...
+
+
+def open_runtime(
+    path: str | os.PathLike[str],
+    *,
+    device: str = "auto",
+    max_batch_size: int = 32,
+    intra_op_threads: int = 0,
+    tensorrt: bool = False,
+    precision: str = "auto",
+) -> Runtime:
+    """The runtime for a model file: ``.pt2`` → torch (imported only then), else ONNX Runtime."""
+    if Path(path).suffix == ".pt2":
+        try:
+            from server.torch_runtime import TorchRuntime
+        except ImportError as exc:
+            raise SimclrError(
+                f"serving a torch program (.pt2) needs torch ({exc.name} is missing): "
+                "pip install 'simclr-embed[export]', or serve the .onnx file"
+            ) from None
+        return TorchRuntime(
+            path,
+            device=device,
+            max_batch_size=max_batch_size,
+            intra_op_threads=intra_op_threads,
+            precision=precision,
+        )
+    if precision not in ("auto", "fp32"):
+        log.warning(
+            "--precision %s applies to .pt2 models; an ONNX model runs as exported", precision
+        )
+    return OnnxRuntime(
+        path,
+        device=device,
+        max_batch_size=max_batch_size,
+        intra_op_threads=intra_op_threads,
+        tensorrt=tensorrt,
+    )
+
+
+def pad_to_bucket(images: np.ndarray, buckets: tuple[int, ...]) -> np.ndarray:
+    """Zero-pad ``[n, ...]`` up to the smallest bucket ≥ n (n itself beyond the largest)."""
+    n = len(images)
+    bucket = next((b for b in buckets if b >= n), n)
+    if bucket == n:
+        return np.ascontiguousarray(images)
+    pad = np.zeros((bucket - n, *images.shape[1:]), images.dtype)
+    return np.concatenate([images, pad])
