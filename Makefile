@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: test lint proto bench venv clean demo docker bench-gpu bench-quality
+.PHONY: test lint proto bench venv clean demo docker bench-gpu bench-quality gpu-wheels
 
 venv: $(STAMP)
 
@@ -49,9 +49,29 @@ bench: $(STAMP)
 bench-quality: $(STAMP)
 	$(PY) bench/quality.py
 
-# On a CUDA machine with the venv already in place: training step, ORT CUDA, serving, fp16 export.
-bench-gpu: $(STAMP)
+# On a CUDA machine: every CUDA path once + the stage benchmarks, one table (bench/gpu_check.sh
+# header: how to run it on a lent GPU machine with no venv and no network).
+bench-gpu:
 	bash bench/gpu_check.sh
+
+# The wheels a lent GPU machine (Python 3.12, torch, CPU-only onnxruntime, no network) lacks,
+# for bench/gpu_check.sh: .whl/ travels whole; onnxruntime-gpu (~256 MB) is split into
+# .whl-ort/part-* of at most ORT_PART_MB, one part per call (64 MiB per call), plus a MANIFEST.
+GPU_WHEELS ?= grpcio==1.85.3 protobuf==7.36.2 grpcio-health-checking==1.85.1 \
+	grpcio-reflection==1.85.1 kornia==0.9.0 kornia_rs==0.2.0
+ORT_GPU ?= onnxruntime-gpu==1.31.1
+ORT_PART_MB ?= 55
+CP312 := --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+gpu-wheels: $(STAMP)
+	rm -rf .whl .whl-ort && mkdir -p .whl .whl-ort/full
+	$(PIP) download -q $(CP312) -d .whl $(GPU_WHEELS)
+	$(PIP) download -q $(CP312) -d .whl-ort/full $(ORT_GPU)
+	cd .whl-ort && split -b $(ORT_PART_MB)M -d full/*.whl part- \
+		&& { echo "wheel $$(basename full/*.whl)"; echo "sha256 $$(sha256sum full/*.whl | cut -d' ' -f1)"; } > MANIFEST \
+		&& rm -rf full
+	@du -sh .whl .whl-ort/part-*; cat .whl-ort/MANIFEST
 
 # Regenerate the committed gRPC stubs from proto/ (tests check they are current).
 proto: $(STAMP)

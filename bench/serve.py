@@ -3,6 +3,7 @@
     .venv/bin/python bench/serve.py                                   # resnet18 @ 64 px, CPU
     .venv/bin/python bench/serve.py --arch resnet50 --image-size 224
     .venv/bin/python bench/serve.py --device cuda --clients 1 32 128  # on a GPU host
+    .venv/bin/python bench/serve.py --device cuda --runtime torch     # the .pt2 torch runtime
 
 What runs (all on 127.0.0.1, every loop bounded by --seconds):
   server  `python -m server` in its own process; C closed-loop clients (grpc.aio, one coroutine
@@ -64,8 +65,9 @@ SKIMAGE_PHOTOS = (
 # -- inputs -----------------------------------------------------------------------------------
 
 
-def build_model(arch: str, size: int, stem: str, out_dir: Path) -> Path:
-    """A freshly initialized SimCLR model at ``size`` px, exported to ONNX (cached)."""
+def build_model(arch: str, size: int, stem: str, out_dir: Path, runtime: str = "onnx") -> Path:
+    """A freshly initialized SimCLR model at ``size`` px, exported to ONNX (cached); with
+    ``runtime="torch"`` its ``--torch-program`` twin (``.pt2``) is returned instead."""
     import torch
 
     from export.onnx_export import export_checkpoint
@@ -74,8 +76,9 @@ def build_model(arch: str, size: int, stem: str, out_dir: Path) -> Path:
 
     stem = default_stem(size) if stem == "auto" else stem
     out = out_dir / f"{arch}-{size}-{stem}.onnx"
-    if out.exists():
-        return out
+    program = out.with_suffix(".pt2")
+    if out.exists() and (runtime == "onnx" or program.exists()):
+        return program if runtime == "torch" else out
     torch.manual_seed(0)
     cfg = {
         "arch": arch,
@@ -91,7 +94,12 @@ def build_model(arch: str, size: int, stem: str, out_dir: Path) -> Path:
     torch.save(
         {"format": FORMAT, "model": model.state_dict(), "config": cfg, "step": 0, "epoch": 0}, ckpt
     )
-    export_checkpoint(ckpt, out, verify=False)
+    report = export_checkpoint(ckpt, out, verify=False)
+    if runtime == "torch":
+        from export.torch_program import export_torch_program
+
+        export_torch_program(ckpt, program, report["metadata"], verify=False)
+        return program
     return out
 
 
@@ -178,9 +186,9 @@ def naive_server(model: str, device: str, port: int, workers: int) -> int:
     """P2: one session.run per RPC, no batching; a thread per concurrent RPC."""
     import grpc
 
-    from server.runtime import OnnxRuntime
+    from server.runtime import open_runtime
 
-    runtime = OnnxRuntime(model, device=device, max_batch_size=1)
+    runtime = open_runtime(model, device=device, max_batch_size=1)
     runtime.warm_up()
     pre = Preprocessor(runtime.info.image_size, runtime.info.resize)
 
@@ -275,10 +283,10 @@ class InProcess:
     images per run, no server, no gRPC."""
 
     def __init__(self, model: Path, device: str, batch: int) -> None:
-        from server.runtime import OnnxRuntime, usable_cores
+        from server.runtime import open_runtime, usable_cores
 
         # One batch at a time, so the model gets every core (ONNX Runtime's own best setting).
-        self.runtime = OnnxRuntime(model, device=device, max_batch_size=max(batch, 1))
+        self.runtime = open_runtime(model, device=device, max_batch_size=max(batch, 1))
         self.pool = concurrent.futures.ThreadPoolExecutor(usable_cores())
         self.runtime.warm_up()
         self.pre = Preprocessor(self.runtime.info.image_size, self.runtime.info.resize)
@@ -318,12 +326,22 @@ def main(argv: list[str] | None = None) -> int:
         help="auto: what `simclr train` picks (small at <= 64 px)",
     )
     p.add_argument(
-        "--model", type=Path, default=None, help="use this .onnx instead of building one"
+        "--model", type=Path, default=None, help="use this .onnx/.pt2 instead of building one"
+    )
+    p.add_argument(
+        "--runtime",
+        choices=("onnx", "torch"),
+        default="onnx",
+        help="build the .onnx (ONNX Runtime) or the .pt2 (torch runtime) model",
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per load phase")
     p.add_argument("--rounds", type=int, default=2, help="phases take turns this many times")
+    p.add_argument("--warmup-s", type=float, default=1.0, help="unmeasured seconds per phase")
+    p.add_argument(
+        "--cache", type=Path, default=REPO / "runs" / "bench-serve", help="built models go here"
+    )
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-delay-ms", type=float, default=2.0)
     p.add_argument("--photos", type=int, default=64, help="distinct JPEGs cycled through")
@@ -338,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--seconds in (0, 120], --rounds in 1..10, --clients at most 512 (bounded load)")
 
     model = args.model or build_model(
-        args.arch, args.image_size, args.stem, REPO / "runs" / "bench-serve"
+        args.arch, args.image_size, args.stem, args.cache, args.runtime
     )
     photos, origin = load_photos(args.photos)
     print(
@@ -365,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         str(args.max_batch_size),
         "--max-delay-ms",
         str(args.max_delay_ms),
+        "--drain-delay-s",  # nothing balances load here: stop at once when done
+        "0",
         *args.server_args.split(),
     ]
     naive_cmd = [
@@ -398,11 +418,15 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.rounds):
             for c in args.clients:
                 before = scrape_batches(metrics_port)
-                runs[c].append(asyncio.run(closed_loop(target, photos, c, args.seconds)))
+                runs[c].append(
+                    asyncio.run(closed_loop(target, photos, c, args.seconds, args.warmup_s))
+                )
                 after = scrape_batches(metrics_port)
                 batches[c][0] += after[0] - before[0]
                 batches[c][1] += after[1] - before[1]
-            naive_runs.append(asyncio.run(closed_loop(naive_target, photos, c_max, args.seconds)))
+            naive_runs.append(
+                asyncio.run(closed_loop(naive_target, photos, c_max, args.seconds, args.warmup_s))
+            )
             if p1 is None:  # P1 runs at the batch size the server reached under the most load
                 p1 = InProcess(
                     model,

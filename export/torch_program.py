@@ -12,6 +12,7 @@ file (batch 1 and 7, batch independence, fp32 tolerances).
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from pathlib import Path
@@ -63,10 +64,12 @@ def export_torch_program(
     program = export_program(encoder, size)
     meta = {**metadata, "simclr.precision": "fp32", "simclr.format": "torch.export"}
     report: dict[str, Any] = {"output": str(output), "metadata": meta}
+    buf = io.BytesIO()  # torch.export.save wants a .pt2 name or a buffer, not the temp name
+    torch.export.save(program, buf, extra_files={METADATA_FILE: json.dumps(meta)})
     with atomic_path(output) as tmp:
-        torch.export.save(program, str(tmp), extra_files={METADATA_FILE: json.dumps(meta)})
+        tmp.write_bytes(buf.getvalue())
         if verify:
-            loaded = load_program(tmp)[0].module()
+            loaded = load_program(io.BytesIO(buf.getvalue()))[0].module()
 
             def run_with(module: torch.nn.Module) -> Any:
                 def run(images: np.ndarray) -> list[np.ndarray]:

@@ -16,6 +16,7 @@ autocast when asked), torch intra-op threads as given.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -37,21 +38,22 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 def load_program(
-    path: str | os.PathLike[str],
+    source: str | os.PathLike[str] | io.BytesIO,
 ) -> tuple[torch.export.ExportedProgram, dict[str, str]]:
     """A ``.pt2`` written by ``simclr export-onnx --torch-program`` → (program, ``simclr.*``)."""
     extra = {METADATA_FILE: ""}
+    where = source if isinstance(source, io.BytesIO) else str(source)
     try:
-        program = torch.export.load(str(path), extra_files=extra)
+        program = torch.export.load(where, extra_files=extra)
     except Exception as exc:  # not a zip, another torch's format, truncated, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SimclrError(f"cannot load torch program {path}: {first}") from None
+        raise SimclrError(f"cannot load torch program {source}: {first}") from None
     try:
         meta = json.loads(extra[METADATA_FILE] or "{}")
     except json.JSONDecodeError:
         meta = None
     if not isinstance(meta, dict) or "simclr.image_size" not in meta:
-        raise SimclrError(f"{path} has no simclr metadata (not written by simclr export-onnx)")
+        raise SimclrError(f"{source} has no simclr metadata (not written by simclr export-onnx)")
     return program, {str(k): str(v) for k, v in meta.items()}
 
 
