@@ -1,130 +1,263 @@
-"""``simclr embed``: embed image files and folders through a running server into one ``.npy``.
+"""``simclr embed``: every image under some paths → vectors on disk; bad files skipped and listed.
 
-    simclr embed --target 127.0.0.1:50051 --output out.npy photos/ extra.jpg
+    simclr embed --target 127.0.0.1:50051 --output out.npy photos/ extra.jpg   # through a server
+    simclr embed --model model.onnx --output out.npy photos/                     # in this process
+    simclr embed --ray --model model.onnx --format parquet --output emb/ photos/ # on Ray Data
 
-Writes ``out.npy`` (float32 ``[N, D]``, row i = the i-th path) and ``out.npy.paths.txt`` (the N
-paths, one per line, in row order), both atomically; prints N, D and the model version.
+``--format npy`` (default for an .npy OUTPUT): ``out.npy`` float32 ``[N, D]`` (row i = line i of
+``out.npy.paths.txt``) and ``out.npy.json`` (model version, kind, counts). ``--format parquet``:
+OUTPUT is a folder of Parquet parts (``path``, ``embedding``). Unusable files are left out and
+listed in ``OUTPUT.errors.tsv`` (``--on-error skip``, the default) or stop the run
+(``--on-error fail``). Vectors are written as the run goes; after a crash or a kill the same
+command with ``--resume`` embeds only what is missing and ends with the same output.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from server.config import TOKEN_ENV
+from server.embed_store import FORMATS, errors_path
+from server.images import DEFAULT_MAX_PIXELS
 from simclr_embed.errors import SimclrError
-from simclr_embed.fileio import atomic_path, atomic_write_text
-from simclr_embed.imageio import list_images
+
+if TYPE_CHECKING:
+    from server.client import EmbeddingClient
+    from server.codec import EmbedBatch
+    from server.offline import OfflineEmbedder
 
 PATHS_SUFFIX = ".paths.txt"
 
 
+@dataclass(frozen=True)
+class EmbedConfig:
+    paths: tuple[Path, ...]
+    output: Path
+    fmt: str
+    target: str | None = None
+    model: Path | None = None
+    ray: str | None = None  # None: no Ray; "local": a local Ray; else an address for ray.init
+    device: str = "auto"
+    kind: str = "features"
+    normalize: bool = False
+    on_error: str = "skip"
+    resume: bool = False
+    batch: int = 64
+    concurrency: int = 2
+    timeout: float = 300.0
+    wait_s: float = 60.0
+    resend: int = 8
+    part_size: int = 4096
+    decode_threads: int = 0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    token: str | None = None
+    tls: bool | Path = False
+    progress: bool = True
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="simclr embed", description=__doc__.splitlines()[0])
-    p.add_argument(
-        "paths",
-        nargs="+",
-        type=Path,
-        metavar="PATH",
-        help="image files and/or folders (searched recursively)",
+    p = argparse.ArgumentParser(
+        prog="simclr embed",
+        description=__doc__.splitlines()[0],
+        epilog="Exit codes: 0 done (skipped files listed), 1 runtime failure, 2 bad usage.",
     )
-    p.add_argument("--target", required=True, help="server address HOST:PORT")
-    p.add_argument(
-        "--kind",
-        choices=("features", "projection"),
-        default="features",
-        help="backbone features (for downstream use) or projection-head output [features]",
-    )
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files and/or folders (searched recursively)")  # fmt: skip
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--target", help="server(s): HOST:PORT, several comma-separated, or dns:///NAME:PORT")  # fmt: skip
+    where.add_argument("--model", type=Path, help="embed in this process with this .onnx (or .pt2); no server")  # fmt: skip
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run as a Ray Data pipeline (needs --model, --format parquet); ADDRESS as "
+                   "for ray.init (ray://head:10001, auto); none: a local Ray on this machine")  # fmt: skip
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="--model/--ray: where the model runs [auto]")  # fmt: skip
+    p.add_argument("--kind", choices=("features", "projection"), default="features",
+                   help="backbone features (for downstream use) or projection-head output [features]")  # fmt: skip
     p.add_argument("--normalize", action="store_true", help="L2-normalize each vector")
-    p.add_argument(
-        "--output",
-        type=Path,
-        default=Path("embeddings.npy"),
-        help=f"the .npy to write; the path list goes to OUTPUT{PATHS_SUFFIX} [embeddings.npy]",
-    )
+    p.add_argument("--output", type=Path, default=Path("embeddings.npy"),
+                   help=f"the .npy to write (its path list goes to OUTPUT{PATHS_SUFFIX}), or the "
+                   "Parquet folder [embeddings.npy]")  # fmt: skip
+    p.add_argument("--format", dest="fmt", choices=FORMATS, default=None, help="npy or parquet [npy for an .npy OUTPUT, else parquet]")  # fmt: skip
+    p.add_argument("--on-error", choices=("skip", "fail"), default="skip",
+                   help="skip: leave unusable files out and list them in OUTPUT.errors.tsv; "
+                   "fail: stop at the first one (exit 1) [skip]")  # fmt: skip
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run into the same OUTPUT")  # fmt: skip
+    p.add_argument("--batch", type=int, default=64, help="images per request / model call [64]")
+    p.add_argument("--concurrency", type=int, default=2, help="--target: requests in flight [2]")
+    p.add_argument("--timeout", type=float, default=300.0, help="--target: seconds per request [300]")  # fmt: skip
+    p.add_argument("--wait-s", type=float, default=60.0, help="--target: how long to wait for a SERVING server at the start [60]")  # fmt: skip
+    p.add_argument("--resend", type=int, default=8,
+                   help="--target: re-sends of a request after gRPC's own retries gave up "
+                   "(UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED; backoff 1-30 s) [8]")  # fmt: skip
+    p.add_argument("--part-size", type=int, default=4096, help="inputs per committed part (what a --resume may redo) [4096]")  # fmt: skip
+    p.add_argument("--decode-threads", type=int, default=0, help="--model: decode threads; 0 = cores [0]")  # fmt: skip
     p.add_argument("--token", default=None, help=f"bearer token [env {TOKEN_ENV}]")
     p.add_argument("--tls", action="store_true", help="connect with TLS (system root CAs)")
     p.add_argument("--tls-ca", type=Path, default=None, help="PEM root CA to trust (implies --tls)")
-    p.add_argument("--batch", type=int, default=64, help="images per request [64]")
-    p.add_argument("--concurrency", type=int, default=2, help="requests in flight [2]")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds per request [300]")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
-def collect_paths(paths: Sequence[Path]) -> list[Path]:
-    """Files as given, folders expanded (recursive, sorted); missing paths are an error."""
-    found: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            found.extend(list_images(path))
-        elif path.is_file():
-            found.append(path)
-        else:
-            raise SimclrError(f"no such file or folder: {path}")
-    if not found:
-        raise SimclrError(f"no images found in {', '.join(map(str, paths))}")
-    return found
+def parse_config(argv: Sequence[str] | None) -> EmbedConfig:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("batch", "concurrency", "part_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("resend", "decode_threads"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.timeout <= 0 or args.wait_s < 0:
+        parser.error("--timeout must be > 0 and --wait-s >= 0")
+    if args.ray is None and args.target is None and args.model is None:
+        parser.error("one of --target (a server) or --model (in this process) is required")
+    if args.ray is not None:
+        if args.model is None:
+            parser.error("--ray needs --model (the pipeline runs the model itself, no server)")
+        if args.fmt != "parquet":
+            parser.error("--ray writes Parquet: add --format parquet and a folder --output")
+        if args.resume:
+            parser.error("--resume is not available with --ray (Ray Data keeps no checkpoints)")
+    fmt = args.fmt or ("npy" if args.output.suffix == ".npy" else "parquet")
+    if fmt == "parquet" and args.output.suffix == ".npy":
+        parser.error(f"--format parquet writes a folder; --output {args.output} is an .npy path")
+    if args.target is not None and args.device != "auto":
+        parser.error("--device applies to --model; the server chose its own device")
+    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV)
+    return EmbedConfig(
+        paths=tuple(args.paths),
+        output=args.output,
+        fmt=fmt,
+        target=args.target,
+        model=args.model,
+        ray=args.ray,
+        device=args.device,
+        kind=args.kind,
+        normalize=args.normalize,
+        on_error=args.on_error,
+        resume=args.resume,
+        batch=args.batch,
+        concurrency=args.concurrency,
+        timeout=args.timeout,
+        wait_s=args.wait_s,
+        resend=args.resend,
+        part_size=args.part_size,
+        decode_threads=args.decode_threads,
+        token=token,
+        tls=args.tls_ca if args.tls_ca is not None else args.tls,
+        progress=not args.no_progress,
+    )
 
 
-def write_outputs(output: Path, vectors: np.ndarray, paths: Sequence[Path]) -> Path:
-    """The ``.npy`` and its path list, each atomically; returns the path-list file."""
-    buf = io.BytesIO()
-    np.save(buf, vectors)  # to a buffer: np.save on a path would append ".npy" to the temp name
-    with atomic_path(output) as tmp:
-        tmp.write_bytes(buf.getvalue())
-    listing = output.with_name(output.name + PATHS_SUFFIX)
-    atomic_write_text(listing, "".join(f"{p}\n" for p in paths))
-    return listing
+def _engine(cfg: EmbedConfig) -> OfflineEmbedder | _Remote:
+    if cfg.model is not None:
+        from server.offline import OfflineEmbedder
+
+        return OfflineEmbedder(
+            cfg.model,
+            device=cfg.device,
+            batch=cfg.batch,
+            decode_threads=cfg.decode_threads,
+            max_pixels=cfg.max_pixels,
+        )
+    from server.client import EmbeddingClient
+
+    client = EmbeddingClient(
+        cfg.target or "",
+        cfg.token,
+        tls=cfg.tls,
+        timeout=cfg.timeout,
+        max_batch=cfg.batch,
+        resend=cfg.resend,
+    )
+    try:
+        client.wait_until_serving(timeout=cfg.wait_s)
+    except TimeoutError:
+        client.close()
+        raise SimclrError(f"{cfg.target}: no SERVING server after {cfg.wait_s:g} s") from None
+    return _Remote(client, cfg.concurrency)
+
+
+class _Remote:
+    """The client as a bulk-job engine: its ``embed_iter`` at the CLI's concurrency."""
+
+    def __init__(self, client: EmbeddingClient, concurrency: int) -> None:
+        self.client, self.concurrency = client, concurrency
+
+    def model_info(self) -> dict[str, Any]:
+        return self.client.model_info()
+
+    def embed_iter(
+        self, images: Iterable[Any], kind: str, normalize: bool, *, on_error: str
+    ) -> Iterator[EmbedBatch]:
+        return self.client.embed_iter(
+            images, kind, normalize, concurrency=self.concurrency, on_error=on_error
+        )
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _run_ray(cfg: EmbedConfig) -> tuple[int, int, int, str]:
+    from server.bulk import check_paths, iter_inputs
+    from server.ray_embed import run_ray
+    from server.runtime import open_runtime
+
+    check_paths(cfg.paths)
+    runtime = open_runtime(cfg.model, device="cpu", max_batch_size=1)  # the model's facts
+    info = runtime.info
+    dim = info.projection_dim if cfg.kind == "projection" else info.feature_dim
+    job = {"format": "parquet", "model_version": info.model_version, "kind": cfg.kind,
+           "normalize": cfg.normalize, "dimension": dim}  # fmt: skip
+    inputs = [str(p) for p in iter_inputs(cfg.paths)]
+    if not inputs:
+        raise SimclrError(f"no images found in {', '.join(map(str, cfg.paths))}")
+    rows, skipped = run_ray(
+        None if cfg.ray == "local" else cfg.ray, cfg.model, inputs, cfg.output, kind=cfg.kind,
+        normalize=cfg.normalize, on_error=cfg.on_error, batch=cfg.batch, device=cfg.device,
+        job=job, info=info, max_pixels=cfg.max_pixels,
+    )  # fmt: skip
+    return rows, skipped, dim, info.model_version
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.batch < 1:
-        parser.error(f"--batch must be >= 1, got {args.batch}")
-    if args.concurrency < 1:
-        parser.error(f"--concurrency must be >= 1, got {args.concurrency}")
+    cfg = parse_config(argv)
     import grpc  # after argument checks: `--help` stays fast
     from tqdm import tqdm
 
-    from server.client import EmbeddingClient, EmbeddingError
+    from server.bulk import JobConfig, run_job
+    from server.client import EmbeddingError
 
-    paths = collect_paths(args.paths)
-    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV)
-    tls: bool | Path = args.tls_ca if args.tls_ca is not None else args.tls
-    client = EmbeddingClient(
-        args.target, token, tls=tls, timeout=args.timeout, max_batch=args.batch
+    if cfg.ray is not None:
+        rows, skipped, dim, version = _run_ray(cfg)
+        already = False
+    else:
+        job = JobConfig(cfg.paths, cfg.output, cfg.fmt, cfg.kind, cfg.normalize, cfg.on_error,
+                        cfg.resume, cfg.part_size)  # fmt: skip
+        engine = None
+        try:
+            engine = _engine(cfg)
+            with tqdm(unit="img", disable=not cfg.progress, file=sys.stderr) as bar:
+                summary = run_job(job, engine, on_progress=bar.update)
+        except EmbeddingError as exc:
+            raise SimclrError(f"{cfg.target}: {exc}") from None
+        except grpc.RpcError as exc:  # health/connection problems outside embed_iter
+            raise SimclrError(f"{cfg.target}: {exc.code().name}: {exc.details()}") from None
+        finally:
+            if engine is not None:
+                engine.close()
+        rows, skipped, dim = summary.rows, summary.skipped, summary.dimension
+        version, already = summary.model_version, summary.already_complete
+    what = f"{cfg.kind}{', L2-normalized' if cfg.normalize else ''}"
+    where = f"{cfg.output}" + (
+        f" + {cfg.output}{PATHS_SUFFIX}" if cfg.fmt == "npy" else " (Parquet)"
     )
-    try:
-        info = client.model_info()
-        with tqdm(total=len(paths), unit="img", disable=args.no_progress, file=sys.stderr) as bar:
-            vectors = client.embed(
-                paths,
-                kind=args.kind,
-                normalize=args.normalize,
-                concurrency=args.concurrency,
-                progress=bar.update,
-            )
-    except EmbeddingError as exc:
-        where = f" ({paths[exc.index]})" if exc.index is not None else ""
-        raise SimclrError(f"{args.target}{where}: {exc}") from None
-    except grpc.RpcError as exc:  # health/connection problems outside embed()
-        raise SimclrError(f"{args.target}: {exc.code().name}: {exc.details()}") from None
-    except OSError as exc:
-        raise SimclrError(f"cannot read image: {exc}") from None
-    finally:
-        client.close()
-    listing = write_outputs(args.output, vectors, paths)
-    n, d = vectors.shape
-    print(
-        f"embedded N={n} images, D={d} ({args.kind}{', L2-normalized' if args.normalize else ''}) "
-        f"with model {info['model_version']} ({info['arch']}) -> {args.output} + {listing}"
-    )
+    status = "already complete: " if already else ""
+    print(f"{status}embedded N={rows} images, D={dim} ({what}) with model {version} -> {where}")
+    if skipped:
+        print(f"skipped {skipped} unusable file(s), listed in {errors_path(cfg.output)}")
     return 0

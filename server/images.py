@@ -81,6 +81,12 @@ class Preprocessor:
         except Image.DecompressionBombError as exc:
             raise ImageError(f"too many pixels ({exc})") from None
         except UnidentifiedImageError:
+            claimed = _format_by_signature(data)
+            if claimed:  # the right magic bytes, but a variant Pillow has no decoder for
+                raise ImageError(
+                    f"starts like a {claimed} file but cannot be read: corrupt, or a variant "
+                    "(pixel layout, bit depth, compression) the decoder does not support"
+                ) from None
             raise ImageError(f"not a {'/'.join(ALLOWED_FORMATS)} image") from None
         except Exception as exc:  # Pillow raises many types on junk; all mean "not an image"
             raise ImageError(f"not a decodable image ({_describe(exc)})") from None
@@ -110,6 +116,23 @@ class Preprocessor:
         arr = np.frombuffer(pixels, dtype=np.uint8).reshape(height, width, channels)
         img = Image.fromarray(arr[:, :, 0]) if channels == 1 else Image.fromarray(arr)
         return np.asarray(apply_resize(img.convert("RGB"), self.size, self.policy), dtype=np.uint8)
+
+
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+)
+
+
+def _format_by_signature(data: bytes) -> str | None:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
 
 
 def _describe(exc: BaseException) -> str:

@@ -314,6 +314,16 @@ def open_runtime(
     )
 
 
+def select_output(outputs: Mapping[str, np.ndarray], name: str, normalize: bool) -> np.ndarray:
+    """``outputs[name]`` ``[n, D]``, L2-normalized per row when asked: the server's, offline's
+    and Ray's one definition of what a vector is."""
+    vectors = outputs[name]  # [n, D] float32
+    if normalize:
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)  # [n, 1]
+        vectors = vectors / np.maximum(norms, 1e-12)
+    return vectors
+
+
 def pad_to_bucket(images: np.ndarray, buckets: tuple[int, ...]) -> np.ndarray:
     """Zero-pad ``[n, ...]`` up to the smallest bucket ≥ n (n itself beyond the largest)."""
     n = len(images)

@@ -11,7 +11,6 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -27,7 +26,7 @@ from server.images import ImageError, Preprocessor
 from server.metrics import Metrics
 from server.pb.simclr.v1 import embedding_pb2 as pb
 from server.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc
-from server.runtime import ModelInfo
+from server.runtime import ModelInfo, select_output
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +145,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             await _abort(
                 context, grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
             )
-        self._metrics.request_done("OK", len(request.images))
+        self._metrics.request_done("OK", len(request.images) - len(response.errors))
         return response
 
     async def GetModelInfo(
@@ -193,54 +192,78 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 f"images waiting, {n} more do not fit; retry later",
             )
         t0 = time.perf_counter()
-        images = await self._decode(request.images, backend.preprocessor)  # [n, S, S, 3]
+        # [m, S, S, 3] of the m usable images, and {index: reason} of the others (only with
+        # per_image_errors; otherwise the first bad image has already failed the request).
+        images, bad = await self._decode(request, backend.preprocessor)
         t1 = time.perf_counter()
-        remaining = context.time_remaining()
-        loop = asyncio.get_running_loop()
-        deadline = None if remaining is None else loop.time() + remaining
-        try:
-            outputs = await backend.batcher.submit(images, deadline=deadline)
-        except QueueFullError as exc:
-            raise RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry later") from None
-        except DeadlineExceededError as exc:
-            raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)) from None
-        except BatcherStoppedError as exc:
-            raise RpcFailure(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+        name, kind = _OUTPUT_FOR_KIND[request.kind]
+        if len(images):
+            remaining = context.time_remaining()
+            loop = asyncio.get_running_loop()
+            deadline = None if remaining is None else loop.time() + remaining
+            try:
+                outputs = await backend.batcher.submit(images, deadline=deadline)
+            except QueueFullError as exc:
+                raise RpcFailure(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry later"
+                ) from None
+            except DeadlineExceededError as exc:
+                raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)) from None
+            except BatcherStoppedError as exc:
+                raise RpcFailure(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
+            vectors = select_output(outputs, name, request.l2_normalize)  # [m, D]
+        else:  # every image was bad: nothing to run
+            dim = backend.info.feature_dim if name == "features" else backend.info.projection_dim
+            vectors = np.zeros((0, dim), np.float32)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
-                "Embed peer=%s n=%d kind=%d decode_ms=%.1f queue+model_ms=%.1f",
+                "Embed peer=%s n=%d bad=%d kind=%d decode_ms=%.1f queue+model_ms=%.1f",
                 context.peer(),
                 n,
+                len(bad),
                 request.kind,
                 1e3 * (t1 - t0),
                 1e3 * (time.perf_counter() - t1),
             )
-        name, kind = _OUTPUT_FOR_KIND[request.kind]
-        vectors = outputs[name]  # [n, D] float32
-        if request.l2_normalize:
-            norms = np.linalg.norm(vectors, axis=1, keepdims=True)  # [n, 1]
-            vectors = vectors / np.maximum(norms, 1e-12)
+        rows = iter(vectors.tolist())
+        embeddings = [
+            pb.Embedding() if i in bad else pb.Embedding(values=next(rows)) for i in range(n)
+        ]
         return pb.EmbedResponse(
-            embeddings=[pb.Embedding(values=row) for row in vectors.tolist()],
+            embeddings=embeddings,
             kind=kind,
             dimension=vectors.shape[1],
             model_version=backend.info.model_version,
+            errors=[pb.ImageError(index=i, reason=reason) for i, reason in sorted(bad.items())],
         )
 
-    async def _decode(self, images: Sequence[pb.Image], pre: Preprocessor) -> np.ndarray:
-        """All images of a request → ``[n, S, S, 3]``; the first bad one (by index) fails it."""
+    async def _decode(
+        self, request: pb.EmbedRequest, pre: Preprocessor
+    ) -> tuple[np.ndarray, dict[int, str]]:
+        """The request's images → (``[m, S, S, 3]`` usable ones in order, ``{index: reason}``).
+
+        Without ``per_image_errors`` the first bad image (by index) fails the whole request.
+        """
         loop = asyncio.get_running_loop()
         jobs = [
             loop.run_in_executor(self._decode_pool, self._decode_one, image, pre)
-            for image in images
+            for image in request.images
         ]
         results = await asyncio.gather(*jobs, return_exceptions=True)
+        good: list[np.ndarray] = []
+        bad: dict[int, str] = {}
         for index, result in enumerate(results):
             if isinstance(result, ImageError):
-                raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"image {index}: {result}")
-            if isinstance(result, BaseException):
+                if not request.per_image_errors:
+                    raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"image {index}: {result}")
+                bad[index] = str(result)
+            elif isinstance(result, BaseException):
                 raise result
-        return np.stack(results)  # type: ignore[arg-type]
+            else:
+                good.append(result)
+        size = pre.size
+        stacked = np.stack(good) if good else np.zeros((0, size, size, 3), np.uint8)
+        return stacked, bad
 
     def _decode_one(self, image: pb.Image, pre: Preprocessor) -> np.ndarray:
         """Runs in a decode thread."""

@@ -206,7 +206,6 @@ def serve_and_embed(
     import numpy as np
 
     from server.client import EmbeddingClient
-    from simclr_embed.imageio import list_images
 
     server = Server(model, out / "logs" / f"serve-{name}.log", device)
     out = out / "embeddings" / f"{name}.npy"
@@ -218,7 +217,7 @@ def serve_and_embed(
         )
         vectors = np.load(out)
         paths = (out.parent / (out.name + ".paths.txt")).read_text().splitlines()
-        blobs = [p.read_bytes() for p in list_images(data)]
+        blobs = [Path(p).read_bytes() for p in paths]  # the usable files (unusable are listed)
         with EmbeddingClient(server.target) as client:
             info = client.model_info()
             client.embed(blobs[:64], concurrency=2)  # warm the connection and the batcher

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,14 +35,31 @@ def is_image_file(path: str | os.PathLike[str]) -> bool:
 
 def list_images(root: str | os.PathLike[str]) -> list[Path]:
     """All image files under ``root`` (recursive, following no symlinked folders), sorted."""
-    root = Path(root)
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(
-            Path(dirpath) / f for f in filenames if not f.startswith(".") and is_image_file(f)
-        )
-    return sorted(found)
+    return list(iter_images(root))
+
+
+def iter_images(root: str | os.PathLike[str]) -> Iterator[Path]:
+    """``list_images(root)`` lazily, in the same (sorted) order, one folder listing at a time.
+
+    ``Path`` ordering compares component by component, so a depth-first walk that visits each
+    folder's entries sorted by name — files and subfolders interleaved — yields exactly the
+    sorted order: memory grows with the widest folder, not with the collection.
+    """
+    try:
+        with os.scandir(root) as scan:
+            entries = sorted((e for e in scan if not e.name.startswith(".")), key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return
+    for entry in entries:
+        path = Path(root) / entry.name
+        try:
+            is_dir = entry.is_dir(follow_symlinks=False)
+        except OSError:
+            is_dir = False
+        if is_dir:
+            yield from iter_images(path)
+        elif is_image_file(entry.name):
+            yield path  # a file, or a symlink to one (broken ones too: reading them fails later)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

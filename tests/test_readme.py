@@ -154,6 +154,8 @@ def _check(argv: list[str]) -> None:
                 assert set(extra.split(",")) <= extras.keys(), spec
     elif prog in ("sbatch", "kubectl", "tensorboard"):
         pass  # their file arguments are checked by test_referenced_paths_exist
+    elif prog == "ray":
+        assert args[0] == "start" and ("--head" in args or "--address" in args), argv
     elif "=" in prog and argv[1] == "sbatch":  # DATA=... sbatch FILE
         pass
     else:

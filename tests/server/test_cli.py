@@ -66,8 +66,9 @@ def test_embed_cli_on_a_folder(
     assert "N=10" in printed and "D=32" in printed and version in printed
     assert sorted(p.name for p in out.parent.iterdir()) == [
         "emb.npy",
+        "emb.npy.json",
         "emb.npy.paths.txt",
-    ]  # no temp files
+    ]  # no temp files, no errors list for a clean run
 
 
 def test_embed_cli_errors(
@@ -76,14 +77,19 @@ def test_embed_cli_errors(
     folder = write_image_folder(tmp_path / "imgs", per_class=2, size=32, classes=("a",))
     (folder / "a" / "0001.png").write_bytes(b"broken")
     out = tmp_path / "o.npy"
-    assert (
-        simclr(
-            ["embed", "--target", server.target, "--output", str(out), "--no-progress", str(folder)]
-        )
-        == 1
-    )
+    base = ["embed", "--target", server.target, "--output", str(out), "--no-progress"]
+    # The default skips it: the good one is written, the bad one listed (test_bulk has more).
+    assert simclr([*base, str(folder)]) == 0
+    assert "skipped 1 unusable file" in capsys.readouterr().out
+    assert np.load(out).shape == (1, 512)
+    assert (tmp_path / "o.npy.errors.tsv").read_text().startswith(f"{folder / 'a' / '0001.png'}\t")
+    # --on-error fail: exit 1 with a one-line reason naming the file.
+    out.unlink()
+    assert simclr([*base, "--on-error", "fail", str(folder)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "0001.png" in err and "INVALID_ARGUMENT" in err
+    assert (
+        err.startswith(f"error: {folder / 'a' / '0001.png'}: not a ") and len(err.splitlines()) == 1
+    )
     assert not out.exists()
     assert simclr(["embed", "--target", server.target, str(tmp_path / "missing")]) == 1
     assert "no such file or folder" in capsys.readouterr().err

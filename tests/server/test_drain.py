@@ -302,8 +302,8 @@ def test_clients_giving_up_are_counted_not_logged_as_errors(
         with grpc.insecure_channel(srv.target) as channel:
             stub = pb_grpc.EmbeddingServiceStub(channel)
             for i in range(100):
-                try:  # 0.5–4 ms: expires before, while or after the server answers
-                    stub.Embed(pb.EmbedRequest(images=[_image(2)] * 2), timeout=5e-4 * (1 + i % 8))
+                try:  # 0.5–8 ms: expires before, while or after the server answers
+                    stub.Embed(pb.EmbedRequest(images=[_image(2)] * 2), timeout=5e-4 * (1 + i % 16))
                     code = "OK"
                 except grpc.RpcError as exc:
                     code = exc.code().name
@@ -330,7 +330,7 @@ def test_clients_giving_up_are_counted_not_logged_as_errors(
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors]
     assert set(seen) <= {"RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}, seen
-    assert seen["RESOURCE_EXHAUSTED"] > 50 and seen["DEADLINE_EXCEEDED"] > 50  # both happened
+    assert seen["RESOURCE_EXHAUSTED"] > 10 and seen["DEADLINE_EXCEEDED"] > 10, (seen, counts)
     # Counted as seen; the slack is for a deadline passing between the count and the send.
     slack = 2 + seen["RESOURCE_EXHAUSTED"] // 50
     assert abs(counts["RESOURCE_EXHAUSTED"] - seen["RESOURCE_EXHAUSTED"]) <= slack, (counts, seen)

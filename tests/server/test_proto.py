@@ -56,13 +56,21 @@ def test_field_numbers_are_the_contract() -> None:
     assert embedding_pb2.DESCRIPTOR.package == "simclr.v1"
     assert numbers("Image") == {"encoded": 1, "raw": 2}
     assert numbers("RawImage") == {"pixels": 1, "height": 2, "width": 3, "channels": 4}
-    assert numbers("EmbedRequest") == {"images": 1, "kind": 2, "l2_normalize": 3}
+    # CONTRACT §4's fixed numbers, plus the fields added since (new numbers only).
+    assert numbers("EmbedRequest") == {
+        "images": 1,
+        "kind": 2,
+        "l2_normalize": 3,
+        "per_image_errors": 4,
+    }
     assert numbers("Embedding") == {"values": 1}
+    assert numbers("ImageError") == {"index": 1, "reason": 2}
     assert numbers("EmbedResponse") == {
         "embeddings": 1,
         "kind": 2,
         "dimension": 3,
         "model_version": 4,
+        "errors": 5,
     }
     assert numbers("GetModelInfoRequest") == {}
     assert numbers("GetModelInfoResponse") == {

@@ -37,14 +37,16 @@ class RawImage(_message.Message):
     def __init__(self, pixels: _Optional[bytes] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("images", "kind", "l2_normalize")
+    __slots__ = ("images", "kind", "l2_normalize", "per_image_errors")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     L2_NORMALIZE_FIELD_NUMBER: _ClassVar[int]
+    PER_IMAGE_ERRORS_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[Image]
     kind: EmbeddingKind
     l2_normalize: bool
-    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., kind: _Optional[_Union[EmbeddingKind, str]] = ..., l2_normalize: _Optional[bool] = ...) -> None: ...
+    per_image_errors: bool
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., kind: _Optional[_Union[EmbeddingKind, str]] = ..., l2_normalize: _Optional[bool] = ..., per_image_errors: _Optional[bool] = ...) -> None: ...
 
 class Embedding(_message.Message):
     __slots__ = ("values",)
@@ -52,17 +54,27 @@ class Embedding(_message.Message):
     values: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
 
+class ImageError(_message.Message):
+    __slots__ = ("index", "reason")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    reason: str
+    def __init__(self, index: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class EmbedResponse(_message.Message):
-    __slots__ = ("embeddings", "kind", "dimension", "model_version")
+    __slots__ = ("embeddings", "kind", "dimension", "model_version", "errors")
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
     embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
     kind: EmbeddingKind
     dimension: int
     model_version: str
-    def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., kind: _Optional[_Union[EmbeddingKind, str]] = ..., dimension: _Optional[int] = ..., model_version: _Optional[str] = ...) -> None: ...
+    errors: _containers.RepeatedCompositeFieldContainer[ImageError]
+    def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., kind: _Optional[_Union[EmbeddingKind, str]] = ..., dimension: _Optional[int] = ..., model_version: _Optional[str] = ..., errors: _Optional[_Iterable[_Union[ImageError, _Mapping]]] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()

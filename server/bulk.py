@@ -1,0 +1,160 @@
+"""A bulk embedding job: every image under some paths → vectors on disk, resumable.
+
+    inputs (lazy, sorted walk) ─▶ engine.embed_iter (a server, or this process) ─▶ store
+
+The engine is ``server.client.EmbeddingClient`` (through ``simclr serve``: per-image errors,
+gRPC's retry policy plus re-sends) or ``server.offline.OfflineEmbedder`` (the same
+preprocessing and runtime in this process); both yield ``EmbedBatch`` in input order. The store
+(``server.embed_store``) commits a part every ``part_size`` inputs; ``resume`` skips the
+committed inputs — after checking that the listing still agrees with them — and continues.
+Memory holds what is in flight (``concurrency`` × ``batch`` images) and one part, never N.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from server.codec import EmbedBatch
+from server.embed_store import completed, errors_path, open_store
+from simclr_embed.errors import SimclrError
+from simclr_embed.imageio import iter_images
+
+log = logging.getLogger(__name__)
+
+
+class Engine(Protocol):
+    def model_info(self) -> dict[str, Any]: ...
+
+    def embed_iter(
+        self, images: Iterable[Any], kind: str, normalize: bool, *, on_error: str
+    ) -> Iterator[EmbedBatch]: ...
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    paths: tuple[Path, ...]
+    output: Path
+    fmt: str = "npy"  # npy | parquet
+    kind: str = "features"
+    normalize: bool = False
+    on_error: str = "skip"  # skip | fail
+    resume: bool = False
+    part_size: int = 4096
+
+
+@dataclass(frozen=True)
+class Summary:
+    rows: int  # vectors written
+    skipped: int  # inputs left out (listed in OUTPUT.errors.tsv)
+    dimension: int
+    model_version: str
+    already_complete: bool = False
+
+
+def check_paths(paths: Sequence[Path]) -> None:
+    missing = [p for p in paths if not p.exists() and not p.is_symlink()]
+    if missing:
+        raise SimclrError(f"no such file or folder: {missing[0]}")
+
+
+def iter_inputs(paths: Sequence[Path]) -> Iterator[Path]:
+    """Files as given, folders expanded (recursive, sorted), lazily and in that order."""
+    for path in paths:
+        if path.is_dir():
+            yield from iter_images(path)
+        else:
+            yield path
+
+
+def _skip_done(inputs: Iterator[Path], done: int, last: str | None) -> Iterator[Path]:
+    """Drop the ``done`` inputs a resumed job already has, checking the listing still agrees."""
+    seen: Path | None = None
+    for _ in range(done):
+        seen = next(inputs, None)
+        if seen is None:
+            break
+    if done and (seen is None or str(seen) != last):
+        raise SimclrError(
+            f"--resume: the inputs changed since the interrupted run (input {done} was {last}, "
+            f"now {seen}); rerun without --resume to start over"
+        )
+    return inputs
+
+
+def run_job(
+    cfg: JobConfig, engine: Engine, on_progress: Callable[[int], None] | None = None
+) -> Summary:
+    """Run (or continue) the job; raises ``SimclrError`` with a one-line reason on failure."""
+    check_paths(cfg.paths)
+    info = engine.model_info()
+    dim = int(info["projection_dimension" if cfg.kind == "projection" else "feature_dimension"])
+    job = {
+        "format": cfg.fmt,
+        "model_version": info["model_version"],
+        "kind": cfg.kind,
+        "normalize": cfg.normalize,
+        "dimension": dim,
+    }
+    finished = completed(cfg.output, cfg.fmt)
+    if cfg.resume and finished is not None:
+        diff = [k for k in job if finished.get(k) != job[k]]
+        if diff:
+            raise SimclrError(
+                f"--resume: {cfg.output} is a finished run made with "
+                + ", ".join(f"{k}={finished.get(k)!r}" for k in diff)
+                + "; nothing was changed"
+            )
+        return Summary(finished["rows"], finished["skipped"], dim, job["model_version"], True)
+    store = open_store(cfg.output, cfg.fmt, job, cfg.resume)
+    done = store.progress.inputs
+    if done:
+        log.info("resuming: %d inputs already done (%d vectors)", done, store.progress.rows)
+    inputs = _skip_done(iter_inputs(cfg.paths), done, store.progress.last)
+
+    fed: collections.deque[str] = collections.deque()  # inputs given to the engine, not yet back
+
+    def feed() -> Iterator[str]:
+        for path in inputs:
+            fed.append(str(path))
+            yield str(path)
+
+    committed, last = done, store.progress.last
+    any_input = done > 0
+    for batch in engine.embed_iter(feed(), cfg.kind, cfg.normalize, on_error="skip"):
+        any_input = True
+        names = [fed.popleft() for _ in range(batch.count)]  # [start, start + count)
+        first_bad = batch.failures[0].index - batch.start if batch.failures else batch.count
+        if cfg.on_error == "fail" and batch.failures:
+            ok = [k for k, i in enumerate(batch.indices) if i - batch.start < first_bad]
+            store.add([names[batch.indices[k] - batch.start] for k in ok], batch.vectors[ok])
+            if first_bad:
+                store.commit(committed + first_bad, names[first_bad - 1])
+            bad = batch.failures[0]
+            saved = store.progress.inputs
+            raise SimclrError(
+                f"{names[bad.index - batch.start]}: {bad.reason} (--on-error fail; the "
+                f"{saved} inputs before it are saved — fix or remove the file and rerun with "
+                "--resume, or use --on-error skip)"
+            )
+        store.add([names[i - batch.start] for i in batch.indices], batch.vectors)
+        for failure in batch.failures:
+            store.fail(names[failure.index - batch.start], failure.reason)
+        committed += batch.count
+        last = names[-1]
+        if committed - store.progress.inputs >= cfg.part_size:
+            store.commit(committed, last)
+        if on_progress is not None:
+            on_progress(batch.count)
+    if not any_input:
+        raise SimclrError(f"no images found in {', '.join(map(str, cfg.paths))}")
+    if committed != store.progress.inputs:
+        store.commit(committed, last or "")
+    store.finish()
+    if store.progress.errors:
+        log.info("%d unusable files listed in %s", store.progress.errors, errors_path(cfg.output))
+    return Summary(store.progress.rows, store.progress.errors, dim, job["model_version"])
