@@ -8,10 +8,10 @@ from typing import Any
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
-from server.channel import SERVICE, make_channel
-from server.client import _INFO_REQUEST, _PROBE_S, RESENDABLE, _ClientBase, _stub, backoff_s
+from server.channel import SERVICE
+from server.client import _INFO_REQUEST, _PROBE_S, RESENDABLE, _ClientBase, backoff_s
 from server.codec import (
     Chunk,
     EmbedBatch,
@@ -33,23 +33,7 @@ class AsyncEmbeddingClient(_ClientBase):
     """asyncio client on ``grpc.aio``; create and use it inside one running event loop.
     The same arguments as :class:`EmbeddingClient`."""
 
-    def __init__(
-        self,
-        target: str,
-        token: str | None = None,
-        *,
-        tls: Any = False,
-        timeout: float | None = 60.0,
-        max_batch: int = 64,
-        max_message_mb: int = 64,
-        retry: bool = True,
-        resend: int = 0,
-    ) -> None:
-        super().__init__(target, token, tls, timeout, max_batch, max_message_mb, retry, resend)
-        self._channel = make_channel(self.target, self._creds, self._options, aio=True)
-        self._probe = make_channel(self.target, self._creds, self._probe_options, aio=True)
-        self._stub = _stub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._probe)
+    _aio = True
 
     async def embed(
         self,

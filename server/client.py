@@ -86,16 +86,19 @@ def backoff_s(attempt: int, base: float = 1.0, cap: float = 30.0) -> float:
 
 
 class _ClientBase:
+    _aio = False  # grpc.aio channels (AsyncEmbeddingClient) or blocking ones
+
     def __init__(
         self,
         target: str,
-        token: str | None,
-        tls: Any,
-        timeout: float | None,
-        max_batch: int,
-        max_message_mb: int,
-        retry: bool,
-        resend: int,
+        token: str | None = None,
+        *,
+        tls: Any = False,
+        timeout: float | None = 60.0,
+        max_batch: int = 64,
+        max_message_mb: int = 64,
+        retry: bool = True,
+        resend: int = 0,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
@@ -105,9 +108,13 @@ class _ClientBase:
         self.timeout, self.max_batch, self.resend = timeout, max_batch, resend
         self._max_bytes = int(max_message_mb * 2**20 * 0.9)  # headroom for the message framing
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._creds = credentials(tls)
-        self._options = channel_options(max_message_mb, retry=retry)
-        self._probe_options = probe_options(max_message_mb)
+        creds = credentials(tls)
+        options = channel_options(max_message_mb, retry=retry)
+        self._channel = make_channel(self.target, creds, options, aio=self._aio)
+        # Health probes on a plain channel of their own (see server.channel.probe_options).
+        self._probe = make_channel(self.target, creds, probe_options(max_message_mb), aio=self._aio)
+        self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._probe)
         self._dims: dict[str, int] = {}
 
 
@@ -124,24 +131,6 @@ class EmbeddingClient(_ClientBase):
         retry: gRPC's retry policy (``server.channel.RETRY_POLICY``); ``False``: one attempt.
         resend: re-sends of a whole request after the policy gave up (see the module docstring).
     """
-
-    def __init__(
-        self,
-        target: str,
-        token: str | None = None,
-        *,
-        tls: Any = False,
-        timeout: float | None = 60.0,
-        max_batch: int = 64,
-        max_message_mb: int = 64,
-        retry: bool = True,
-        resend: int = 0,
-    ) -> None:
-        super().__init__(target, token, tls, timeout, max_batch, max_message_mb, retry, resend)
-        self._channel = make_channel(self.target, self._creds, self._options, aio=False)
-        self._probe = make_channel(self.target, self._creds, self._probe_options, aio=False)
-        self._stub = _stub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._probe)
 
     def embed(
         self,
@@ -284,10 +273,6 @@ class EmbeddingClient(_ClientBase):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _stub(channel: Any) -> pb_grpc.EmbeddingServiceStub:
-    return pb_grpc.EmbeddingServiceStub(channel)
 
 
 _INFO_REQUEST = pb.GetModelInfoRequest()

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import ctypes
-import os
 import re
-import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -23,7 +20,7 @@ from server.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc
 from simclr_embed.cli import main as simclr
 from simclr_embed.imageio import list_images
 from tests.conftest import write_image_folder
-from tests.server.conftest import ServerThread
+from tests.server.conftest import ServerProcess, ServerThread
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -110,23 +107,10 @@ def test_serve_bad_flags_exit_2(capsys: pytest.CaptureFixture[str], tiny_onnx: P
         assert named in capsys.readouterr().err
 
 
-def _run_server(*args: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "server", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def test_missing_model_exits_1(tmp_path: Path) -> None:
-    proc = _run_server("--model", str(tmp_path / "nope.onnx"), "--port", "0")
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1
-    assert err.strip().splitlines()[-1].startswith("error: model file not found")
+    server = ServerProcess("--model", str(tmp_path / "nope.onnx"), "--port", "0")
+    assert server.wait(timeout=60) == 1
+    assert server.log.strip().splitlines()[-1].startswith("error: model file not found")
 
 
 def test_device_cuda_without_a_gpu_exits_1(tiny_onnx: Path) -> None:
@@ -135,46 +119,19 @@ def test_device_cuda_without_a_gpu_exits_1(tiny_onnx: Path) -> None:
         pytest.skip("this machine has an NVIDIA driver")
     except OSError:
         pass
-    proc = _run_server("--model", str(tiny_onnx), "--port", "0", "--device", "cuda")
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1
-    assert re.search(r"^error: --device cuda: no NVIDIA driver", err, re.MULTILINE)
+    server = ServerProcess("--model", str(tiny_onnx), "--port", "0", "--device", "cuda")
+    assert server.wait(timeout=60) == 1
+    assert re.search(r"^error: --device cuda: no NVIDIA driver", server.log, re.MULTILINE)
 
 
 def test_sigterm_drains_the_request_in_flight_then_exits_0(tiny_onnx: Path) -> None:
-    proc = _run_server(
-        "--model",
-        str(tiny_onnx),
-        "--port",
-        "0",
-        "--metrics-port",
-        "0",
-        "--device",
-        "cpu",
-        "--max-batch-size",
-        "8",
-        "--grace-s",
-        "60",
-    )
-    lines: list[str] = []
-    reader = threading.Thread(
-        target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True
-    )  # type: ignore[union-attr]
-    reader.start()
+    server = ServerProcess(
+        "--model", str(tiny_onnx), "--port", "0", "--metrics-port", "0", "--device", "cpu",
+        "--max-batch-size", "8", "--grace-s", "60",
+    )  # fmt: skip
     try:
-        port = metrics_port = None
-        for _ in range(600):
-            text = "".join(lines)
-            found, found_metrics = (
-                re.search(r"SERVING on 127\.0\.0\.1:(\d+)", text),
-                re.search(r"metrics on http://127\.0\.0\.1:(\d+)", text),
-            )
-            if found and found_metrics:
-                port, metrics_port = int(found.group(1)), int(found_metrics.group(1))
-                break
-            assert proc.poll() is None, text
-            time.sleep(0.1)
-        assert port, "".join(lines)
+        port = server.wait_serving()
+        metrics_port = server.metrics_port()
         stub = pb_grpc.EmbeddingServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
         pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8).tobytes()
         image = pb.Image(raw=pb.RawImage(pixels=pixels, height=64, width=64, channels=3))
@@ -190,17 +147,13 @@ def test_sigterm_drains_the_request_in_flight_then_exits_0(tiny_onnx: Path) -> N
                 break
             time.sleep(0.02)
         assert not in_flight.done()  # really in flight when the signal arrives
-        proc.send_signal(signal.SIGTERM)
+        server.terminate()
         response = in_flight.result(timeout=120)
         assert len(response.embeddings) == 1000 and response.dimension == 512
-        assert proc.wait(timeout=60) == 0
+        assert server.wait(timeout=60) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        reader.join(10)
-    text = "".join(lines)
-    assert "draining" in text and "stopped" in text
+        server.kill()
+    assert "draining" in server.log and "stopped" in server.log
 
 
 def test_server_never_imports_torch() -> None:
