@@ -69,6 +69,12 @@ def get_args() -> argparse.Namespace:
     )
     p.add_argument("--data-batches", type=int, default=20, help="timed batches of the data part")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--stop-check-processes",
+        type=int,
+        default=2,
+        help="gloo processes timing the per-step stop agreement (0: skip)",
+    )
     return p.parse_args()
 
 
@@ -201,6 +207,39 @@ def bench_data(args: argparse.Namespace, paths: list[Path], cuda: bool) -> float
     return args.data_batches * batch / (time.perf_counter() - t0)
 
 
+def _stop_check_worker(rank: int, world: int, port: int, calls: int, out: object) -> None:
+    import torch.distributed as tdist
+
+    from training import distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    tdist.init_process_group("gloo", rank=rank, world_size=world)
+    for _ in range(50):
+        dist.any_rank(False)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        dist.any_rank(False)
+    if rank == 0:
+        out.value = (time.perf_counter() - t0) / calls  # type: ignore[attr-defined]
+    tdist.destroy_process_group()
+
+
+def bench_stop_check(processes: int, calls: int = 2000) -> float:
+    """Seconds per ``training.distributed.any_rank`` call (the stop agreement every step makes)
+    among ``processes`` gloo processes on this machine."""
+    import multiprocessing
+    import socket
+
+    import torch.multiprocessing as tmp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = multiprocessing.get_context("spawn").Value("d", 0.0)
+    tmp.spawn(_stop_check_worker, args=(processes, port, calls, out), nprocs=processes)
+    return out.value
+
+
 def machine(device: torch.device) -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -263,6 +302,13 @@ def main() -> int:
     print(
         f"| data: decode + 2 views, {args.workers} workers | {data_rate:.1f} | {data_rate / sup:.2f}× |"
     )
+    if args.stop_check_processes > 1:
+        check_s = bench_stop_check(args.stop_check_processes)
+        step_s = args.batch_size / sim  # one SimCLR step
+        print(
+            f"| stop agreement: any_rank() over gloo, {args.stop_check_processes} processes | "
+            f"{check_s * 1e6:.0f} µs/step | {check_s / step_s:.3%} of a SimCLR step |"
+        )
     print()
     verdict = "meets" if ratio >= 0.45 else "MISSES"
     print(

@@ -7,7 +7,8 @@
 # torchrun's c10d rendezvous assigns node ranks itself; the first node to arrive hosts the
 # store at RDZV_ENDPOINT (open that port between the nodes). NCCL picks the network; set
 # NCCL_SOCKET_IFNAME (e.g. ib0, eth0) if it picks the wrong one. OUT must be on a filesystem every
-# node sees only for --resume after a restart; rank 0 alone writes it.
+# node sees for --resume after a restart (every rank then reads last.pt itself); rank 0 alone
+# writes it.
 set -euo pipefail
 
 NNODES=${NNODES:?set NNODES to the number of machines}
@@ -24,12 +25,12 @@ if ((GLOBAL_BATCH % WORLD != 0)); then
   echo "GLOBAL_BATCH=$GLOBAL_BATCH is not divisible by $WORLD processes" >&2
   exit 1
 fi
-RESUME=()
-[[ -f "$OUT/checkpoints/last.pt" ]] && RESUME=(--resume)
-
+# --resume auto: the same command starts the run and continues it after any stop (a signal
+# makes every rank checkpoint and exit 0; torchrun --max-restarts restarts crashed workers).
 exec "$TORCHRUN" \
   --nnodes "$NNODES" \
   --nproc-per-node "$GPUS_PER_NODE" \
+  --max-restarts "${MAX_RESTARTS:-3}" \
   --rdzv-id "${RDZV_ID:-simclr}" \
   --rdzv-backend c10d \
   --rdzv-endpoint "$RDZV_ENDPOINT" \
@@ -38,4 +39,4 @@ exec "$TORCHRUN" \
   --data "$DATA" \
   --out "$OUT" \
   --batch-size $((GLOBAL_BATCH / WORLD)) \
-  "${RESUME[@]}"
+  --resume auto

@@ -83,11 +83,10 @@ def _training_argv(script: Path) -> list[str]:
         '"$DATA"': "/data",
         '"$OUT"': "/runs/x",
         "$((GLOBAL_BATCH / WORLD))": "128",
-        '"${RESUME[@]}"': "",
     }
     for k, v in fill.items():
         tail = tail.replace(k, v)
-    return shlex.split(tail)
+    return shlex.split(tail.rstrip().removesuffix("&"))  # the sbatch runs srun in the background
 
 
 @pytest.mark.parametrize("script", ["slurm/train.sbatch", "torchrun-multinode.sh"])
@@ -104,6 +103,10 @@ def test_launcher_scripts(script: str) -> None:
 
     args = get_args_parser().parse_args(argv)  # exits 2 (fails the test) on an unknown flag
     assert args.batch_size == 128
+    assert args.resume == "auto"  # the same command for the first start and every restart
+    assert "--max-restarts" in text
+    if script.startswith("slurm"):
+        assert "#SBATCH --signal=B:USR1@" in text and "scontrol requeue" in text
     config = next(a for a in argv if a.endswith(".yaml"))
     if (ROOT / "configs").is_dir() and any((ROOT / "configs").iterdir()):
         assert (ROOT / config).is_file(), f"{script} uses {config}, which does not exist"
@@ -179,3 +182,19 @@ def test_triton_notes_use_the_real_export_flags() -> None:
     assert argv[:2] == ["simclr", "export-onnx"]
     args = get_args_parser().parse_args(argv[2:])
     assert args.triton_repo == Path("triton_repo")
+
+
+def test_k8s_training_job_resumes_itself() -> None:
+    (job,) = [d for d in yaml.safe_load_all((DEPLOY / "k8s-train.yaml").read_text()) if d]
+    assert job["kind"] == "Job" and job["spec"]["template"]["spec"]["restartPolicy"] == "OnFailure"
+    assert job["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 60
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    from torch.distributed.run import get_args_parser as torchrun_parser
+
+    from training.config import get_args_parser
+
+    assert c["command"] == ["torchrun"]
+    run = torchrun_parser().parse_args(c["args"])
+    assert run.module and run.training_script == "training" and int(run.max_restarts) >= 1
+    args = get_args_parser().parse_args(run.training_script_args)  # exits 2 on a bad flag
+    assert args.resume == "auto" and (ROOT / args.config).is_file()

@@ -62,7 +62,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
-    resume: bool = False
+    resume: str = "no"  # no | yes (last.pt must exist) | auto (resume when it exists)
     init_weights: str | None = None
     eval_data: str | None = None
     eval_every: int = 1
@@ -199,7 +199,15 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="how many step-N.pt to keep (0: only last.pt)",
     )
     r.add_argument(
-        "--resume", action="store_true", help="continue exactly from OUT/checkpoints/last.pt"
+        "--resume",
+        nargs="?",
+        const="yes",
+        default="no",
+        type=_resume_mode,
+        metavar="auto",
+        help="continue exactly from OUT/checkpoints/last.pt (it must exist); '--resume auto': "
+        "continue when it exists, else start fresh — the same command for the first launch and "
+        "every restart (torchrun --max-restarts, SLURM requeue, a Job restart)",
     )
     r.add_argument(
         "--stop-after-steps",
@@ -217,6 +225,15 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="tqdm progress bar on rank 0",
     )
     return p
+
+
+def _resume_mode(value: str) -> str:
+    """``--resume`` [yes] / ``--resume auto``; a config file may say true/false/auto."""
+    v = str(value).strip().lower()
+    modes = {"yes": "yes", "true": "yes", "1": "yes", "auto": "auto", "no": "no", "false": "no"}
+    if v not in modes:
+        raise argparse.ArgumentTypeError(f"expected 'auto' (or nothing), got {value!r}")
+    return modes[v]
 
 
 def _load_file(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:

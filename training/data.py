@@ -24,6 +24,7 @@ from torch.utils.data import Dataset, DistributedSampler
 from simclr_embed.errors import SimclrError
 from simclr_embed.imageio import IMAGE_EXTENSIONS, list_images, open_image
 from training.augment import SimCLRAugment, sample_seed
+from training.preemption import ignore_in_worker
 
 # How many substitutes one sample tries before the batch is declared unusable (all bad).
 MAX_SUBSTITUTES = 16
@@ -157,6 +158,7 @@ def build_train_loader(
         collate_fn=collate_views,
         pin_memory=pin_memory,
         drop_last=True,
+        worker_init_fn=ignore_in_worker if workers > 0 else None,  # stop signals are ours
         **extra,
     )
     return sampler, loader

@@ -80,7 +80,29 @@ def init_distributed(device: str = "auto") -> torch.device:
             device_id=kind if kind.type == "cuda" else None,
         )
         log.info("rank %d/%d joined the %s process group on %s", rank(), world, backend, kind)
+        global _host_group
+        # Host-side agreements (the stop flag, "can every rank read this file?") go over gloo,
+        # so they never make a CUDA stream wait; on CPU the default group is gloo already.
+        _host_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
     return kind
+
+
+_host_group: Any = None  # a gloo group beside NCCL (None: use the default group)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on at least one: one all-reduce of one int on
+    the host (gloo), no GPU sync. Every rank must call it at the same point."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_host_group)
+    return bool(t.item())
+
+
+def all_ranks(flag: bool) -> bool:
+    """True on every rank only when ``flag`` is True on all of them (see :func:`any_rank`)."""
+    return not any_rank(not flag)
 
 
 def is_distributed() -> bool:
@@ -120,8 +142,10 @@ def barrier() -> None:
 
 def cleanup() -> None:
     """Leave the process group (safe to call when none exists)."""
+    global _host_group
     if is_distributed():
         dist.destroy_process_group()
+    _host_group = None
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from evaluation.features import load_uint8, normalize_uint8
 from evaluation.knn import knn_top1
 from simclr_embed.errors import SimclrError
 from simclr_embed.imageio import resize_policy_for
+from training.preemption import ignore_in_worker
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,11 @@ def extract_features(
     was_training = model.training
     model.eval()
     loader = DataLoader(
-        dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda"
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=ignore_in_worker if workers > 0 else None,
     )
     feats, labels = [], []
     try:

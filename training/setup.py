@@ -38,10 +38,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(cfg: TrainConfig, device: torch.device, world: int) -> nn.Module:
+def build_model(
+    cfg: TrainConfig, device: torch.device, world: int, resuming: bool = False
+) -> nn.Module:
     """The SimCLR model on ``device`` (SyncBatchNorm across CUDA processes, channels_last)."""
     model: nn.Module = SimCLRModel(cfg.arch, cfg.stem, cfg.proj_dim)
-    if cfg.init_weights and not cfg.resume:
+    if cfg.init_weights and not resuming:
         if not Path(cfg.init_weights).is_file():
             raise SimclrError(f"--init-weights {cfg.init_weights}: no such file")
         missing, unexpected = load_init_weights(model, cfg.init_weights)  # type: ignore[arg-type]

@@ -37,6 +37,7 @@ from training.config import TrainConfig
 from training.data import build_train_loader, find_images
 from training.loss import nt_xent_loss_and_accuracy
 from training.optim import build_optimizer, warmup_cosine
+from training.preemption import StopRequest
 from training.reporting import Reporter
 from training.resume import agree, load_resume_state, prepare_out_dir
 from training.setup import build_model, resolve_precision, resolve_run, seed_everything
@@ -54,6 +55,7 @@ class RunState:
     steps_per_epoch: int
     total_steps: int
     stop_step: int  # min(total_steps, --stop-after-steps)
+    stopped_by: str | None = None  # the signal that stopped the run (any rank's)
 
     def position(self) -> tuple[int, int]:
         """(epoch, batch) to resume at; a finished epoch resumes at the next one's start."""
@@ -77,8 +79,10 @@ def train_one_epoch(
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     on_step: Callable[[], None] | None = None,
+    stop: StopRequest | None = None,
 ) -> None:
-    """One pass over ``loader`` (already positioned by the sampler), stopping at ``state.stop_step``."""
+    """One pass over ``loader`` (already positioned by the sampler), stopping at
+    ``state.stop_step``, or after the step in progress when any rank got a stop signal."""
     model.train()
     for batch in loader:
         if state.step >= state.stop_step:
@@ -112,9 +116,13 @@ def train_one_epoch(
         reporter.step(state.step, loss, top1, scheduler.get_last_lr()[0])
         if on_step is not None:
             on_step()
+        if stop is not None and stop.agreed():  # every rank, every step: the same answer
+            state.stopped_by = stop.signal_name or "a signal to another rank"
+            break
 
 
 def main(cfg: TrainConfig) -> int:
+    stop = StopRequest().install()  # from the first moment: a signal during set-up counts too
     device = dist.init_distributed(cfg.device)
     if not dist.is_primary():
         logging.getLogger().setLevel(logging.ERROR)  # only rank 0 logs
@@ -123,17 +131,18 @@ def main(cfg: TrainConfig) -> int:
     warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
     try:
         with logging_redirect_tqdm():
-            _run(cfg, device)
+            _run(cfg, device, stop)
     finally:
         dist.cleanup()
+        stop.restore()
     return 0
 
 
-def _run(cfg: TrainConfig, device: torch.device) -> None:
+def _run(cfg: TrainConfig, device: torch.device, stop: StopRequest) -> None:
     world, rank, cuda = dist.world_size(), dist.rank(), device.type == "cuda"
     out = Path(cfg.out)
     ckpt_dir = out / "checkpoints"
-    agree(lambda: prepare_out_dir(out, cfg.resume))
+    resuming = bool(dist.broadcast_object(agree(lambda: prepare_out_dir(out, cfg.resume))))
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
@@ -168,16 +177,21 @@ def _run(cfg: TrainConfig, device: torch.device) -> None:
     )
     total_steps, peak_lr = resolved["total_steps"], resolved["peak_lr"]
 
-    raw_model = build_model(cfg, device, world)  # checkpoints and kNN use it: no wrappers
+    raw_model = build_model(cfg, device, world, resuming)  # checkpoints/kNN use it: no wrappers
     optimizer = build_optimizer(cfg.optimizer, raw_model, peak_lr, cfg.weight_decay)
     scheduler = warmup_cosine(optimizer, resolved["warmup_steps"], total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    stop = min(total_steps, cfg.stop_after_steps or total_steps)
-    state = RunState(0, 0, 0, steps_per_epoch, total_steps, stop)
-    if cfg.resume:
+    stop_step = min(total_steps, cfg.stop_after_steps or total_steps)
+    state = RunState(0, 0, 0, steps_per_epoch, total_steps, stop_step)
+    if resuming:
         state.step, state.epoch, state.batch_in_epoch = load_resume_state(
             ckpt_dir / "last.pt", resolved, raw_model, optimizer, scheduler, scaler
         )
+        if state.step >= total_steps:
+            logger.info(
+                "%s already finished: step %d of %d; nothing to do", out, state.step, total_steps
+            )
+            return
     model = raw_model
     if world > 1:
         model = DDP(model, device_ids=[device.index] if cuda else None)
@@ -268,7 +282,7 @@ def _run(cfg: TrainConfig, device: torch.device) -> None:
 
     last_saved, last_eval = state.step, -1
     try:
-        while state.step < state.stop_step:
+        while state.step < state.stop_step and state.stopped_by is None:
             sampler.set_epoch(state.epoch, start_batch=state.batch_in_epoch)
             train_one_epoch(
                 model,
@@ -284,20 +298,30 @@ def _run(cfg: TrainConfig, device: torch.device) -> None:
                 amp_dtype=amp_dtype,
                 channels_last=cuda,
                 on_step=on_step,
+                stop=stop,
             )
             if state.batch_in_epoch >= steps_per_epoch:  # the epoch is complete
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                 reporter.epoch_end(state.epoch)
-                if state.epoch % cfg.eval_every == 0:
+                if state.epoch % cfg.eval_every == 0 and state.stopped_by is None:
                     knn()
         reporter.flush(state.step, scheduler.get_last_lr()[0])
         if state.step != last_saved or not (ckpt_dir / "last.pt").exists():
             checkpoint()
-        if cfg.eval_data and last_eval != state.step:
+        dist.barrier()  # nobody exits before rank 0's last.pt is on disk
+        if cfg.eval_data and last_eval != state.step and state.stopped_by is None:
             knn()
     finally:
         reporter.close()
-    if state.step < total_steps:
+    if state.stopped_by is not None:
+        logger.warning(
+            "stopped by %s at step %d of %d; last.pt is written. Continue with the same command "
+            "and --resume auto (or --resume)",
+            state.stopped_by,
+            state.step,
+            total_steps,
+        )
+    elif state.step < total_steps:
         logger.info(
             "stopped at step %d of %d (--stop-after-steps); continue with --resume",
             state.step,

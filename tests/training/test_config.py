@@ -36,7 +36,7 @@ def test_contract_defaults() -> None:
     assert (cfg.device, cfg.precision, cfg.resume, cfg.compile, cfg.eval_data) == (
         "auto",
         "auto",
-        False,
+        "no",
         False,
         None,
     )
@@ -69,7 +69,7 @@ def test_yaml_defaults_and_flags_win(tmp_path: Path) -> None:
     )
     assert cfg.batch_size == 8 and cfg.compile is False  # flags win
     assert (
-        cfg.lr == 0.5 and cfg.resume is True and cfg.optimizer == "adamw" and cfg.max_steps is None
+        cfg.lr == 0.5 and cfg.resume == "yes" and cfg.optimizer == "adamw" and cfg.max_steps is None
     )
 
 
