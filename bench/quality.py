@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from quality_report import budget_note, docs_section, table, write_docs
+from quality_report import docs_section, table, write_docs
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TARBALL = ROOT.parent / "shared" / "data" / "cifar10-small.tar.gz"
@@ -55,27 +55,28 @@ def get_args() -> argparse.Namespace:
         help="torch threads per process (OMP_NUM_THREADS) for training and evaluation [2]",
     )
     p.add_argument("--steps", type=int, default=None, help="training steps (skips calibration)")
-    p.add_argument("--arch", default="resnet18")
-    p.add_argument("--stem", default="medium", choices=("small", "medium", "standard"))
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.2)
-    p.add_argument("--color-strength", type=float, default=0.5)
-    p.add_argument("--optimizer", default="lars", choices=("lars", "sgd", "adamw"))
-    p.add_argument("--lr", type=float, default=1.0, help="base lr per 256 images")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument(
-        "--warmup-fraction",
-        type=float,
-        default=0.05,
-        help="linear warmup as a fraction of the steps [0.05]",
+        "--config",
+        type=Path,
+        default=ROOT / "configs" / "cpu-quick.yaml",
+        help="the recipe: simclr train --config FILE plus budget/data flags only [cpu-quick.yaml]",
     )
-    p.add_argument("--workers", type=int, default=1, help="DataLoader workers [1]")
     p.add_argument(
-        "--precision",
-        default=None,
-        choices=("auto", "bf16", "fp16", "fp32"),
-        help="training precision [bf16 if the CPU has native bf16 (AVX512-BF16/AMX), else fp32]",
+        "--train-args",
+        default="",
+        help="extra simclr train flags on top of --config (exploration runs; recorded)",
+    )
+    p.add_argument(
+        "--compare",
+        default="configs/cifar10-resnet18.yaml --stem standard --batch-size 128",
+        help="a second recipe trained for the same budget in the same run: CONFIG [FLAGS] — "
+        "what a user who follows the README's CPU advice gets from the CIFAR recipe; '' = none",
+    )
+    p.add_argument("--no-probe", action="store_true", help="kNN only (exploration runs)")
+    p.add_argument(
+        "--no-baselines",
+        action="store_true",
+        help="skip the untrained and raw-pixel evaluations (exploration runs)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -126,62 +127,14 @@ def run(cmd: list[str], log: Path) -> tuple[float, str]:
     return seconds, log.read_text()
 
 
-def cpu_has_bf16() -> bool:
-    """Native bf16 on this CPU: there bf16 autocast trains the medium stem ~1.5x faster (~100 vs
-    65 img/s, measured); without it bf16 is emulated and slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def train_cmd(args: argparse.Namespace, data: Path, out: Path, steps: int) -> list[str]:
+def train_cmd(recipe: list[str], data: Path, out: Path, steps: int) -> list[str]:
+    """``simclr train`` with a recipe (``--config FILE`` [flags]) and only budget/data flags."""
     return [
-        sys.executable,
-        "-m",
-        "simclr_embed.cli",
-        "train",
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--arch",
-        args.arch,
-        "--stem",
-        args.stem,
-        "--image-size",
-        str(args.image_size),
-        "--batch-size",
-        str(args.batch_size),
-        "--max-steps",
-        str(steps),
-        "--warmup-steps",
-        str(round(args.warmup_fraction * steps)),
-        "--temperature",
-        str(args.temperature),
-        "--color-strength",
-        str(args.color_strength),
-        "--optimizer",
-        args.optimizer,
-        "--lr",
-        str(args.lr),
-        "--weight-decay",
-        str(args.weight_decay),
-        "--workers",
-        str(args.workers),
-        "--precision",
-        args.precision,
-        "--seed",
-        str(args.seed),
-        "--log-every",
-        "10",
-        "--no-progress",
-        "--checkpoint-every",
-        str(max(steps, 1)),
-        "--keep-checkpoints",
-        "0",
-    ]
+        sys.executable, "-m", "simclr_embed.cli", "train", *recipe,
+        "--data", str(data), "--out", str(out), "--max-steps", str(steps),
+        "--log-every", "10", "--no-progress",
+        "--checkpoint-every", str(max(steps, 1)), "--keep-checkpoints", "0",
+    ]  # fmt: skip
 
 
 def steady_img_s(log: str) -> float:
@@ -190,18 +143,19 @@ def steady_img_s(log: str) -> float:
     return statistics.median(rates[1:] or rates) if rates else float("nan")
 
 
-def calibrate(args: argparse.Namespace, data: Path, work: Path) -> tuple[int, float]:
-    """Steps that fit the budget, from the steady-state speed of a 40-step run."""
-    seconds, log = run(train_cmd(args, data, work / "calibration", 40), work / "calibration.log")
+def calibrate(
+    recipe: list[str], budget_min: float, data: Path, work: Path, name: str
+) -> tuple[int, float]:
+    """Steps of ``recipe`` that fit the budget, from the steady speed of a 40-step run."""
+    seconds, log = run(train_cmd(recipe, data, work / f"calibration-{name}", 40), work / f"calibration-{name}.log")  # fmt: skip
+    resolved = json.loads((work / f"calibration-{name}" / "config.json").read_text())
+    batch = int(resolved["global_batch_size"])
     rate = steady_img_s(log)
     # Start-up (imports, worker spawn, checkpoint) is paid again by the real run: subtract it.
-    startup = max(0.0, seconds - 40 * args.batch_size / rate)
-    steps = int((args.budget_minutes * 60 - startup) * rate / args.batch_size)
-    print(
-        f"calibration: {rate:.0f} img/s, start-up {startup:.0f} s → {steps} steps "
-        f"in {args.budget_minutes:g} min",
-        flush=True,
-    )
+    startup = max(0.0, seconds - 40 * batch / rate)
+    steps = int((budget_min * 60 - startup) * rate / batch)
+    print(f"calibration ({name}): {rate:.0f} img/s, start-up {startup:.0f} s → {steps} steps in "
+          f"{budget_min:g} min", flush=True)  # fmt: skip
     return max(steps, 10), rate
 
 
@@ -220,7 +174,9 @@ def write_untrained(trained: Path, out: Path, seed: int) -> None:
     )
 
 
-def evaluate(model: str, data: Path, work: Path, name: str, image_size: int) -> dict[str, Any]:
+def evaluate(
+    model: str, data: Path, work: Path, name: str, image_size: int, probe: bool = True
+) -> dict[str, Any]:
     out = work / f"eval-{name}.json"
     cmd = [
         sys.executable,
@@ -239,6 +195,7 @@ def evaluate(model: str, data: Path, work: Path, name: str, image_size: int) -> 
         str(image_size),
         "--workers",
         "2",
+        *([] if probe else ["--probe-epochs", "0"]),
     ]
     seconds, _ = run(cmd, work / f"eval-{name}.log")
     report = json.loads(out.read_text())
@@ -267,14 +224,42 @@ def shrink(data: Path, per_class: int) -> None:
                 f.unlink()
 
 
+def train_and_eval(
+    name: str, recipe: list[str], args: argparse.Namespace, data: Path, work: Path
+) -> dict[str, Any]:
+    """Calibrate (unless --steps), train ``recipe`` for the budget, evaluate the checkpoint."""
+    steps, calib_rate = (
+        (args.steps, None)
+        if args.steps
+        else calibrate(recipe, args.budget_minutes, data / "train", work, name)
+    )
+    cmd = train_cmd(recipe, data / "train", work / f"run-{name}", steps)
+    if args.curve_every:
+        cmd += ["--eval-data", str(subset_for_curve(data, work)), "--eval-every", str(args.curve_every)]  # fmt: skip
+    train_s, log = run(cmd, work / f"train-{name}.log")
+    resolved = json.loads((work / f"run-{name}" / "config.json").read_text())
+    ckpt = work / f"run-{name}" / "checkpoints" / "last.pt"
+    report = evaluate(str(ckpt), data, work, name, resolved["image_size"], not args.no_probe)
+    return {
+        "name": name,
+        "recipe": recipe,
+        "steps": steps,
+        "epochs": steps / resolved["steps_per_epoch"],
+        "train_s": train_s,
+        "img_s": steady_img_s(log),
+        "calibration_img_s": calib_rate,
+        "resolved": resolved,
+        "checkpoint": str(ckpt),
+        "report": report,
+        "curve": [
+            (int(a), float(b)) for a, b in re.findall(r"step (\d+).*?kNN top-1 ([\d.]+)", log)
+        ],
+    }
+
+
 def main() -> int:
     args = get_args()
-    # Threads vs workers on 2 cores: the medium stem is compute-bound (2 threads + 1 worker: 65
-    # img/s; 1 thread + 2 workers: 40), the standard stem augmentation-bound (1 thread + 2
-    # workers: 70-80 img/s; 2 threads spin-waiting on oversubscribed cores: 45-60).
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    if args.precision is None:
-        args.precision = "bf16" if cpu_has_bf16() else "fp32"
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # evaluation; the recipes set training's
     t_start = time.perf_counter()
     if not args.tarball.is_file():
         raise SystemExit(f"missing {args.tarball} (see ../shared/data/README.md)")
@@ -292,79 +277,52 @@ def main() -> int:
         if args.max_per_class:
             shrink(data, args.max_per_class)
         load0 = os.getloadavg()[0]
-
-        steps, calib_rate = (
-            (args.steps, None) if args.steps else calibrate(args, data / "train", work)
-        )
-        cmd = train_cmd(args, data / "train", work / "run", steps)
-        if args.curve_every:
-            cmd += [
-                "--eval-data",
-                str(subset_for_curve(data, work)),
-                "--eval-every",
-                str(args.curve_every),
-            ]
-        train_s, log = run(cmd, work / "train.log")
-        img_s = steady_img_s(log)
-        curve = [(int(s), float(v)) for s, v in re.findall(r"step (\d+).*?kNN top-1 ([\d.]+)", log)]
-        trained = work / "run" / "checkpoints" / "last.pt"
-        untrained = work / "untrained.pt"
-        write_untrained(trained, untrained, args.seed)
-
-        results = [
-            ("trained (SimCLR)", evaluate(str(trained), data, work, "trained", args.image_size)),
-            (
-                "untrained (random init)",
-                evaluate(str(untrained), data, work, "untrained", args.image_size),
-            ),
-            ("raw pixels", evaluate("pixels", data, work, "pixels", args.image_size)),
-        ]
+        recipes = [("cpu-quick", ["--config", str(args.config), *shlex.split(args.train_args)])]
+        if args.compare:
+            config, *flags = shlex.split(args.compare)
+            recipes.append(("cifar-recipe", ["--config", str(ROOT / config), *flags]))
+        runs = [train_and_eval(name, recipe, args, data, work) for name, recipe in recipes]
+        main_run = runs[0]
+        results = [(f"trained: {r['name']}", r["report"]) for r in runs]
+        if not args.no_baselines:
+            untrained = work / "untrained.pt"
+            write_untrained(Path(main_run["checkpoint"]), untrained, args.seed)
+            size = main_run["resolved"]["image_size"]
+            probe = not args.no_probe
+            results += [
+                ("untrained (random init)", evaluate(str(untrained), data, work, "untrained", size, probe)),
+                ("raw pixels", evaluate("pixels", data, work, "pixels", size, probe)),
+            ]  # fmt: skip
         total_s = time.perf_counter() - t_start
-        steps_per_epoch = results[0][1]["num_train"] // args.batch_size
-        epochs = steps / steps_per_epoch
-        tbl = table(results, train_s, img_s, steps, epochs)
+        tbl = table(results, runs)
         knn = {name: r["knn"]["top1"] for name, r in results}
-        gain = 100 * (results[0][1]["knn"]["top1"] - results[1][1]["knn"]["top1"])
-        beats_pixels = results[0][1]["knn"]["top1"] > results[2][1]["knn"]["top1"]
-        verdict = (
-            f"trained − untrained kNN: **{gain:+.1f} points** (goal ≥ +15: "
-            f"{'met' if gain >= 15 else 'NOT met'}); trained vs raw pixels kNN: "
-            f"{'better' if beats_pixels else 'NOT better'}."
-        )
+        verdict = ""
+        if not args.no_baselines:
+            base, pixels = knn["untrained (random init)"], knn["raw pixels"]
+            gain = 100 * (knn[results[0][0]] - base)
+            over_pixels = 100 * (knn[results[0][0]] - pixels)
+            verdict = (
+                f"cpu-quick: trained − untrained kNN **{gain:+.1f} points** (goal ≥ +15: "
+                f"{'met' if gain >= 15 else 'NOT met'}), trained − raw pixels "
+                f"**{over_pixels:+.1f}** (goal ≥ +10: {'met' if over_pixels >= 10 else 'NOT met'})."
+            )
+            if len(runs) > 1:
+                verdict += (
+                    f" The CIFAR recipe cut to the same budget: "
+                    f"{100 * (knn[results[1][0]] - base):+.1f} over untrained."
+                )
         cmdline = "python bench/quality.py " + shlex.join(sys.argv[1:])
         machine = (
             f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
-            f", torch {__import__('torch').__version__}; load average at start {load0:.1f} "
-            f"(shared machine)"
+            f", torch {__import__('torch').__version__}; load average at start {load0:.1f}"
         )
         print("\n" + tbl + "\n\n" + verdict)
         print(f"total bench time {total_s / 60:.1f} min")
-        summary = {
-            "knn": knn,
-            "gain_points": gain,
-            "train_seconds": train_s,
-            "img_s": img_s,
-            "calibration_img_s": calib_rate,
-            "steps": steps,
-            "curve": curve,
-            "total_seconds": total_s,
-            "results": dict(results),
-        }
-        (work / "summary.json").write_text(json.dumps(summary, indent=2))
+        summary = {"knn": knn, "runs": runs, "results": dict(results), "total_seconds": total_s,
+                   "command": cmdline, "machine": machine}  # fmt: skip
+        (work / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         if args.write_docs:
-            write_docs(
-                docs_section(
-                    args,
-                    tbl,
-                    verdict + budget_note(args, calib_rate, steps, train_s),
-                    cmdline,
-                    machine,
-                    steps,
-                    epochs,
-                    curve,
-                    total_s,
-                )
-            )
+            write_docs(docs_section(args, tbl, verdict, cmdline, machine, runs, total_s))
     finally:
         if tmp is not None:
             tmp.cleanup()

@@ -16,21 +16,21 @@ def pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.1f}%"
 
 
-def table(
-    rows: list[tuple[str, dict[str, Any]]], train_s: float, img_s: float, steps: int, epochs: float
-) -> str:
+def table(rows: list[tuple[str, dict[str, Any]]], runs: list[dict[str, Any]]) -> str:
     lines = [
         "| features | kNN top-1 (k=20) | linear probe top-1 | training | train img/s |",
         "|---|---|---|---|---|",
     ]
+    by_name = {f"trained: {r['name']}": r for r in runs}
     for name, r in rows:
         probe = r["probe"]["top1"] if r.get("probe") else None
-        trained = name.startswith("trained")
+        run = by_name.get(name)
         lines.append(
             f"| {name} | {pct(r['knn']['top1'])} | {pct(probe)} | "
             + (
-                f"{train_s / 60:.1f} min, {steps} steps ({epochs:.1f} epochs) | {img_s:.0f} |"
-                if trained
+                f"{run['train_s'] / 60:.1f} min, {run['steps']} steps ({run['epochs']:.1f} epochs) "
+                f"| {run['img_s']:.0f} |"
+                if run
                 else "— | — |"
             )
         )
@@ -87,20 +87,18 @@ network is also a strong baseline on 32 px images (35% kNN, 42% probe).
 """
 
 
-def budget_note(
-    args: argparse.Namespace, calib_rate: float | None, steps: int, train_s: float
-) -> str:
-    """Say how the step count was set and whether other jobs stretched the run past the budget."""
-    if calib_rate is None:
-        return f" Steps fixed with --steps; training took {train_s / 60:.1f} min."
+def _describe(run: dict[str, Any]) -> str:
+    r = run["resolved"]
     note = (
-        f" The calibration run measured {calib_rate:.0f} img/s, so {steps} steps were set for "
-        f"the {args.budget_minutes:g}-minute budget"
+        f"`{' '.join(run['recipe'])}`: {r['arch']}, {r['stem']} stem, {r['image_size']} px, "
+        f"batch {r['global_batch_size']}, {r['optimizer']} peak lr {r['peak_lr']:g}, weight decay "
+        f"{r['weight_decay']:g}, T {r['temperature']}, colour {r['color_strength']}, gray "
+        f"{r.get('grayscale_prob', 0.2)}, {r['amp_dtype']}, {r.get('threads') or 'default'} "
+        f"thread(s) + {r['workers']} worker(s); {run['steps']} steps ≈ {run['epochs']:.1f} epochs, "
+        f"warm-up {r['warmup_steps']} steps"
     )
-    if train_s > 60 * args.budget_minutes * 1.05:
-        note += (
-            f"; other jobs on the machine slowed the run itself, which took {train_s / 60:.1f} min"
-        )
+    if run.get("calibration_img_s"):
+        note += f" (calibrated at {run['calibration_img_s']:.0f} img/s)"
     return note + "."
 
 
@@ -110,18 +108,10 @@ def docs_section(
     verdict: str,
     cmdline: str,
     machine: str,
-    steps: int,
-    epochs: float,
-    curve: list[tuple[int, float]],
+    runs: list[dict[str, Any]],
     total_s: float,
 ) -> str:
-    curve_txt = ""
-    if curve:
-        pts = ", ".join(f"step {s}: {100 * v:.1f}%" for s, v in curve)
-        curve_txt = (
-            f"\nkNN monitor during training (bank: 300 train images per class, queries: "
-            f"val): {pts}.\n"
-        )
+    recipes = "\n".join(f"- {_describe(r)}" for r in runs)
     return f"""{SECTION}
 
 Command: `{cmdline}` (total {total_s / 60:.0f} min).
@@ -129,15 +119,13 @@ Machine: {machine}.
 
 Data: `cifar10-small` (10,000 train / 2,000 val JPEGs, 32 px); training ignores the labels.
 Evaluation: `simclr evaluate` train → val; kNN: cosine, k = 20, T = 0.07; linear probe:
-L-BFGS on standardized features, L2 chosen on a held-out fifth of train.
-Run: {args.threads} torch thread(s), {args.workers} DataLoader workers, {args.precision}; {args.arch}, {args.stem} stem, {args.image_size} px, batch {args.batch_size},
-{args.optimizer} lr {args.lr} per 256 (peak {args.lr * args.batch_size / 256:g}),
-weight decay {args.weight_decay:g}, temperature {args.temperature}, colour strength
-{args.color_strength}, no blur, {steps} steps ≈ {epochs:.1f} epochs, warmup
-{round(args.warmup_fraction * steps)} steps, cosine decay.
+L-BFGS on standardized features, L2 chosen on a held-out fifth of train. Recipes, each trained
+for the {args.budget_minutes:g}-minute budget:
+
+{recipes}
 
 {tbl}
 
 {verdict}
-{curve_txt}
+
 {WHY}"""

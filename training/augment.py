@@ -68,6 +68,7 @@ def appearance_transform(
     blur: bool | None = None,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    grayscale_prob: float = 0.2,
 ) -> v2.Compose:
     """uint8 ``[3, S, S]`` (any device) → normalized float32 ``[3, S, S]``: colour, gray, blur."""
     s = strength
@@ -75,7 +76,7 @@ def appearance_transform(
     ops: list[v2.Transform] = []
     if s > 0:
         ops.append(v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8))
-    ops.append(v2.RandomGrayscale(p=0.2))
+    ops.append(v2.RandomGrayscale(p=grayscale_prob))
     if blur:
         ops.append(
             v2.RandomApply([v2.GaussianBlur(blur_kernel_size(image_size), sigma=(0.1, 2.0))], p=0.5)
@@ -103,10 +104,13 @@ class SimCLRAugment:
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         appearance_on_cpu: bool = True,
+        grayscale_prob: float = 0.2,
     ) -> None:
         self.image_size = image_size
         self.geometry = geometry_transform(image_size)
-        self.appearance = appearance_transform(image_size, strength, blur, mean, std)
+        self.appearance = appearance_transform(
+            image_size, strength, blur, mean, std, grayscale_prob
+        )
         self.appearance_on_cpu = appearance_on_cpu
 
     def view(self, img: Image.Image) -> torch.Tensor:

@@ -53,9 +53,12 @@ class TrainConfig:
     warmup_steps: int | None = None  # overrides warmup_epochs
     temperature: float = 0.1
     proj_dim: int = 128
+    proj_hidden: int | None = None  # projection head's hidden width (None: the feature width)
     color_strength: float = 1.0
+    grayscale_prob: float = 0.2
     blur: bool = True  # resolved: off for images <= 64 px unless given
     workers: int = 4
+    threads: int | None = None  # torch CPU threads (None: torch's default)
     device: str = "auto"
     precision: str = "auto"
     compile: bool = False
@@ -111,6 +114,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--workers", type=int, default=_default_workers(), help="DataLoader workers per process"
     )
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads per process (CPU training: cores minus workers is a good start)",
+    )
     m = p.add_argument_group("model")
     m.add_argument("--arch", default="resnet50", choices=ARCHS, help="torchvision ResNet trunk")
     m.add_argument("--image-size", type=int, default=224, help="training crop size (px)")
@@ -123,6 +132,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         "default small when --image-size <= 64",
     )
     m.add_argument("--proj-dim", type=int, default=128, help="projection head output size")
+    m.add_argument(
+        "--proj-hidden",
+        type=int,
+        default=None,
+        help="projection head hidden width (default: the trunk's feature width)",
+    )
     m.add_argument("--init-weights", metavar="PATH", help="local backbone state_dict to start from")
     o = p.add_argument_group("optimization")
     o.add_argument("--batch-size", type=int, default=256, help="images per process per step")
@@ -167,6 +182,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="colour-jitter strength s (0.5 is usual at 32 px)",
     )
     o.add_argument(
+        "--grayscale-prob",
+        type=float,
+        default=0.2,
+        help="probability of turning a view gray (the paper: 0.2)",
+    )
+    o.add_argument(
         "--blur",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -181,7 +202,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=("auto", "bf16", "fp16", "fp32"),
         default="auto",
-        help="auto = bf16 autocast on CUDA, fp32 on CPU",
+        help="auto = bf16 autocast on CUDA, and on a CPU with native bf16 (AVX512-BF16/AMX); "
+        "fp32 elsewhere",
     )
     r.add_argument(
         "--compile",
@@ -319,12 +341,15 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         ("--warmup-steps", args.warmup_steps is None or args.warmup_steps >= 0, "must be >= 0"),
         ("--temperature", args.temperature > 0, "must be > 0"),
         ("--proj-dim", args.proj_dim >= 1, "must be >= 1"),
+        ("--proj-hidden", args.proj_hidden is None or args.proj_hidden >= 1, "must be >= 1"),
+        ("--grayscale-prob", 0 <= args.grayscale_prob <= 1, "must be in [0, 1]"),
         (
             "--color-strength",
             0 <= args.color_strength <= 2.5,
             "must be in [0, 2.5] (hue jitter 0.2·s <= 0.5)",
         ),
         ("--workers", args.workers >= 0, "must be >= 0"),
+        ("--threads", args.threads is None or args.threads >= 1, "must be >= 1"),
         ("--checkpoint-every", args.checkpoint_every >= 1, "must be >= 1"),
         ("--keep-checkpoints", args.keep_checkpoints >= 0, "must be >= 0"),
         ("--eval-every", args.eval_every >= 1, "must be >= 1"),
@@ -357,9 +382,12 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         warmup_steps=args.warmup_steps,
         temperature=args.temperature,
         proj_dim=args.proj_dim,
+        proj_hidden=args.proj_hidden,
         color_strength=args.color_strength,
+        grayscale_prob=args.grayscale_prob,
         blur=blur,
         workers=args.workers,
+        threads=args.threads,
         device=args.device,
         precision=args.precision,
         compile=args.compile,

@@ -25,7 +25,13 @@ def default_stem(image_size: int) -> str:
 
 
 class SimCLRModel(nn.Module):
-    def __init__(self, arch: str = "resnet50", stem: str = "standard", proj_dim: int = 128) -> None:
+    def __init__(
+        self,
+        arch: str = "resnet50",
+        stem: str = "standard",
+        proj_dim: int = 128,
+        proj_hidden: int | None = None,
+    ) -> None:
         super().__init__()
         if arch not in RESNETS:
             raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(RESNETS)}")
@@ -45,11 +51,14 @@ class SimCLRModel(nn.Module):
         backbone.fc = nn.Identity()
         self.backbone = backbone
         # Linear → BN → ReLU → Linear (SimCLR v2's head; the bias before BN is redundant).
+        # Hidden width: the feature width by default (the paper); wider helps short runs of
+        # narrow trunks (a 512 → 1024 → 128 head for ResNet-18, docs/benchmarks.md).
+        hidden = proj_hidden or feature_dim
         self.projector = nn.Sequential(
-            nn.Linear(feature_dim, feature_dim, bias=False),
-            nn.BatchNorm1d(feature_dim),
+            nn.Linear(feature_dim, hidden, bias=False),
+            nn.BatchNorm1d(hidden),
             nn.ReLU(inplace=True),
-            nn.Linear(feature_dim, proj_dim),
+            nn.Linear(hidden, proj_dim),
         )
         self.arch, self.stem = arch, stem
         self.feature_dim, self.proj_dim = feature_dim, proj_dim
@@ -70,7 +79,13 @@ class SimCLRModel(nn.Module):
 def build_model(cfg: Mapping[str, Any]) -> SimCLRModel:
     """Build from a (resolved) config mapping with keys ``arch``, ``stem``, ``image_size``, ``proj_dim``."""
     stem = cfg.get("stem") or default_stem(int(cfg["image_size"]))
-    return SimCLRModel(arch=cfg["arch"], stem=stem, proj_dim=int(cfg["proj_dim"]))
+    hidden = cfg.get("proj_hidden")
+    return SimCLRModel(
+        arch=cfg["arch"],
+        stem=stem,
+        proj_dim=int(cfg["proj_dim"]),
+        proj_hidden=int(hidden) if hidden else None,
+    )
 
 
 def load_init_weights(model: SimCLRModel, path: str | Path) -> tuple[list[str], list[str]]:

@@ -36,6 +36,7 @@ MODEL_KEYS = (
     ("stem", "--stem"),
     ("image_size", "--image-size"),
     ("proj_dim", "--proj-dim"),
+    ("proj_hidden", "--proj-hidden"),
 )
 # Keys that change the sample order or the schedule: continuing works, but not exactly.
 EXACT_KEYS = (
@@ -49,6 +50,7 @@ EXACT_KEYS = (
     "optimizer",
     "color_strength",
     "blur",
+    "grayscale_prob",
 )
 
 

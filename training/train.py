@@ -147,10 +147,19 @@ def _run(cfg: TrainConfig, device: torch.device, stop: StopRequest) -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     amp_dtype, use_scaler = resolve_precision(cfg.precision, device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
 
     paths = find_images(cfg.data)
-    augment = SimCLRAugment(cfg.image_size, cfg.color_strength, cfg.blur, cfg.mean, cfg.std)
+    augment = SimCLRAugment(
+        cfg.image_size,
+        cfg.color_strength,
+        cfg.blur,
+        cfg.mean,
+        cfg.std,
+        grayscale_prob=cfg.grayscale_prob,
+    )
     sampler, loader = build_train_loader(
         paths,
         augment,

@@ -19,6 +19,7 @@ from tests.conftest import write_image_folder
 from training.checkpoint import FORMAT, load_checkpoint
 from training.cli import main
 from training.model import SimCLRModel, build_model
+from training.setup import cpu_has_native_bf16
 
 pytestmark = pytest.mark.slow
 
@@ -171,7 +172,9 @@ def test_config_json_is_the_resolved_config(run: dict) -> None:
     assert cfg["world_size"] == 1 and cfg["global_batch_size"] == 16 and cfg["total_steps"] == 21
     assert cfg["steps_per_epoch"] == 3 and cfg["num_images"] == 49 and cfg["warmup_steps"] == 2
     assert cfg["peak_lr"] == pytest.approx(0.05 * 16 / 256)
-    assert cfg["stem"] == "standard" and cfg["blur"] is False and cfg["amp_dtype"] == "float32"
+    # --precision auto: bf16 autocast on a CPU with native bf16, else fp32 (recorded either way)
+    want = "bfloat16" if cpu_has_native_bf16() else "float32"
+    assert cfg["stem"] == "standard" and cfg["blur"] is False and cfg["amp_dtype"] == want
     assert cfg == load_checkpoint(run["out"] / "checkpoints" / "last.pt")["config"]
 
 
