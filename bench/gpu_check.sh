@@ -154,14 +154,19 @@ step sample_data 60 "$PY" -m simclr_embed.sample_data "$WORK/data" --per-class 3
 step jpegs 60 "$PY" bench/gpu_steps.py jpegs "$WORK/jpegs" --n $N_JPEG --width $JPEG_W --height $JPEG_H
 
 # 3. Training: the real CLI (bf16 autocast on CUDA) for a checkpoint to export, then ResNet-50 at
-#    224 px under torchrun from real JPEG files (images/s as the trainer logs it), then the same
+#    224 px under torchrun from real JPEG files (images/s and data wait as the trainer logs them),
+#    then the same
 #    step on device tensors (bench/train_step.py: no input pipeline at all).
 step train_smoke 180 "${SIMCLR[@]}" train --data "$WORK/data" --out "$WORK/run" --arch resnet18 \
   --image-size 32 --stem standard --max-steps $SMOKE_STEPS --batch-size $SMOKE_BATCH --device $DEV \
   --workers 2 --no-progress --log-every 10 --eval-data "$WORK/data" --eval-every 1000
-NOTE_RE='img/s' needs "$WORK/jpegs/photos" train_jpeg 240 "$PY" -m torch.distributed.run --standalone \
-  --nproc-per-node 1 -m training --data "$WORK/jpegs" --out "$WORK/r50" "${R50[@]}" \
-  --device $DEV --no-progress --log-every 10
+#    Twice: the appearance stage in the DataLoader workers, and on the GPU (--augment-on device:
+#    workers only decode and crop); the log line gives images/s and the data-wait share.
+for where in workers device; do
+  NOTE_RE='img/s' needs "$WORK/jpegs/photos" "train_jpeg_$where" 240 "$PY" -m torch.distributed.run \
+    --standalone --nproc-per-node 1 -m training --data "$WORK/jpegs" --out "$WORK/r50-$where" \
+    "${R50[@]}" --augment-on "$where" --device $DEV --no-progress --log-every 10
+done
 NOTE_RE='^\| SimCLR' step train_synth 200 "$PY" bench/train_step.py "${SYNTH[@]}"
 
 # 4. Export fp32 (+ the torch program) and fp16, each verified against PyTorch.

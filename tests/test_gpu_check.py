@@ -12,7 +12,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = (
-    "env", "sample_data", "jpegs", "train_smoke", "train_jpeg", "train_synth", "export_fp32",
+    "env", "sample_data", "jpegs", "train_smoke", "train_jpeg_workers", "train_jpeg_device",
+    "train_synth", "export_fp32",
     "export_fp16", "parity", "serve_torch", "bench_serve_torch", "bench_serve_ort", "nvjpeg",
 )  # fmt: skip
 # On a CPU these cannot run their GPU part; each must say why (its last line).
@@ -44,4 +45,5 @@ def test_dry_run_every_step_passes_or_skips_with_a_reason(tmp_path: Path) -> Non
             assert status == "PASS", (name, status, note)
     assert "DRY RUN" in table.splitlines()[0]
     assert "torch bf16 cos" in rows["parity"][1] and "P3" in rows["bench_serve_torch"][1]
+    assert all("data wait" in rows[f"train_jpeg_{w}"][1] for w in ("workers", "device"))
     assert (tmp_path / "out" / "gpu_check-logs.tgz").stat().st_size > 0

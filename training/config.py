@@ -56,6 +56,7 @@ class TrainConfig:
     proj_hidden: int | None = None  # projection head's hidden width (None: the feature width)
     color_strength: float = 1.0
     grayscale_prob: float = 0.2
+    augment_on: str = "auto"  # auto | workers | device
     blur: bool = True  # resolved: off for images <= 64 px unless given
     workers: int = 4
     threads: int | None = None  # torch CPU threads (None: torch's default)
@@ -180,6 +181,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=float,
         default=1.0,
         help="colour-jitter strength s (0.5 is usual at 32 px)",
+    )
+    o.add_argument(
+        "--augment-on",
+        choices=("auto", "workers", "device"),
+        default="auto",
+        help="where colour jitter, grayscale and blur run: in the DataLoader workers per image, "
+        "or on the whole batch on the training device (workers only decode and crop); auto = "
+        "device on CUDA, workers on the CPU",
     )
     o.add_argument(
         "--grayscale-prob",
@@ -385,6 +394,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         proj_hidden=args.proj_hidden,
         color_strength=args.color_strength,
         grayscale_prob=args.grayscale_prob,
+        augment_on=args.augment_on,
         blur=blur,
         workers=args.workers,
         threads=args.threads,

@@ -3,7 +3,11 @@
 Every rank calls the same methods at the same steps (the meters are averaged over ranks with one
 all-reduce per log point, the only host sync in the loop); only rank 0 draws the tqdm bar,
 writes log lines and TensorBoard events (``OUT/tb``: train/loss, train/lr, train/img_per_s,
-train/contrastive_top1, eval/knn_top1).
+train/contrastive_top1, perf/data_wait, eval/knn_top1).
+
+``perf/data_wait`` is the fraction of each logging window the training loop spent waiting for
+its next batch: near 0 the step is the limit; high means the run is input-bound (more
+``--workers``, ``--augment-on device``, faster storage: docs/training.md).
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ class Reporter:
         self._loss: torch.Tensor | None = None
         self._top1: torch.Tensor | None = None
         self._n = 0
+        self._wait = 0.0  # seconds waiting for batches in this window
         self._t0 = time.perf_counter()
 
     def skipped(self, failed: list[str]) -> None:
@@ -62,6 +67,10 @@ class Reporter:
             if f not in self.bad_files:
                 self.bad_files.add(f)
                 logger.warning("skipping unreadable image %s", f)
+
+    def waited(self, seconds: float) -> None:
+        """Time the loop just spent waiting for the next batch."""
+        self._wait += seconds
 
     def step(self, step: int, loss: torch.Tensor, top1: torch.Tensor, lr: float) -> None:
         """Record one optimizer step; every ``log_every`` steps (and the last) log the means."""
@@ -79,23 +88,29 @@ class Reporter:
             return
         means = dist.all_reduce_mean(torch.stack([self._loss, self._top1]) / self._n)  # [2]
         loss, top1 = means.tolist()  # syncs: the elapsed time below is real
-        img_s = self._n * self.global_batch / max(time.perf_counter() - self._t0, 1e-9)
-        self.last = {"loss": loss, "top1": top1, "lr": lr, "img_per_s": img_s}
-        self.pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{img_s:.0f}")
+        elapsed = max(time.perf_counter() - self._t0, 1e-9)
+        img_s = self._n * self.global_batch / elapsed
+        wait = min(1.0, self._wait / elapsed)
+        self.last = {"loss": loss, "top1": top1, "lr": lr, "img_per_s": img_s, "data_wait": wait}
+        self.pbar.set_postfix(
+            loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{img_s:.0f}", wait=f"{wait:.0%}"
+        )
         logger.info(
-            "step %d/%d  loss %.4f  contrastive top-1 %.3f  lr %.4g  %.0f img/s",
+            "step %d/%d  loss %.4f  contrastive top-1 %.3f  lr %.4g  %.0f img/s  data wait %.0f%%",
             step,
             self.total_steps,
             loss,
             top1,
             lr,
             img_s,
+            100 * wait,
         )
         if self.writer is not None:
             self.writer.add_scalar("train/loss", loss, step)
             self.writer.add_scalar("train/contrastive_top1", top1, step)
             self.writer.add_scalar("train/lr", lr, step)
             self.writer.add_scalar("train/img_per_s", img_s, step)
+            self.writer.add_scalar("perf/data_wait", wait, step)
         self._reset()
 
     def epoch_end(self, epoch: int) -> int:

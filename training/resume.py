@@ -51,6 +51,7 @@ EXACT_KEYS = (
     "color_strength",
     "blur",
     "grayscale_prob",
+    "augment_on",
 )
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from training.augment import SimCLRAugment
 from training.checkpoint import capture_rng_state, save_checkpoint
 from training.config import TrainConfig
 from training.data import build_train_loader, find_images
+from training.device_augment import DeviceAppearance, resolve_augment_on, step_generator
 from training.loss import nt_xent_loss_and_accuracy
 from training.optim import build_optimizer, warmup_cosine
 from training.preemption import StopRequest
@@ -80,11 +82,18 @@ def train_one_epoch(
     channels_last: bool = False,
     on_step: Callable[[], None] | None = None,
     stop: StopRequest | None = None,
+    appearance: DeviceAppearance | None = None,
 ) -> None:
     """One pass over ``loader`` (already positioned by the sampler), stopping at
-    ``state.stop_step``, or after the step in progress when any rank got a stop signal."""
+    ``state.stop_step``, or after the step in progress when any rank got a stop signal.
+
+    With ``appearance`` the loader yields uint8 geometry-only crops and the appearance stage
+    runs here, on the whole ``[2B, 3, S, S]`` batch on ``device``.
+    """
     model.train()
+    fetch_started = time.perf_counter()
     for batch in loader:
+        reporter.waited(time.perf_counter() - fetch_started)  # host time spent waiting for data
         if state.step >= state.stop_step:
             break
         reporter.skipped(batch["failed"])
@@ -96,7 +105,9 @@ def train_one_epoch(
         # Both views in one forward, so BatchNorm normalizes over 2B like the paper's TPU code.
         v1 = batch["view1"].to(device, non_blocking=True)  # [B, 3, S, S]
         v2 = batch["view2"].to(device, non_blocking=True)  # [B, 3, S, S]
-        x = torch.cat([v1, v2])  # [2B, 3, S, S]
+        x = torch.cat([v1, v2])  # [2B, 3, S, S]: float views, or uint8 crops for `appearance`
+        if appearance is not None:  # parameters from (seed, step, rank): exact resume holds
+            x = appearance(x, step_generator(cfg.seed, state.step, dist.rank()))
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(
@@ -119,6 +130,7 @@ def train_one_epoch(
         if stop is not None and stop.agreed():  # every rank, every step: the same answer
             state.stopped_by = stop.signal_name or "a signal to another rank"
             break
+        fetch_started = time.perf_counter()
 
 
 def main(cfg: TrainConfig) -> int:
@@ -152,14 +164,21 @@ def _run(cfg: TrainConfig, device: torch.device, stop: StopRequest) -> None:
     seed_everything(cfg.seed)
 
     paths = find_images(cfg.data)
+    augment_on = resolve_augment_on(cfg.augment_on, device)
     augment = SimCLRAugment(
         cfg.image_size,
         cfg.color_strength,
         cfg.blur,
         cfg.mean,
         cfg.std,
+        appearance_on_cpu=augment_on == "workers",
         grayscale_prob=cfg.grayscale_prob,
     )
+    appearance = None
+    if augment_on == "device":
+        appearance = DeviceAppearance(
+            cfg.image_size, cfg.color_strength, cfg.blur, cfg.mean, cfg.std, cfg.grayscale_prob
+        )
     sampler, loader = build_train_loader(
         paths,
         augment,
@@ -184,6 +203,7 @@ def _run(cfg: TrainConfig, device: torch.device, stop: StopRequest) -> None:
         device=device,
         amp_dtype=amp_dtype,
     )
+    resolved["augment_on"] = augment_on
     total_steps, peak_lr = resolved["total_steps"], resolved["peak_lr"]
 
     raw_model = build_model(cfg, device, world, resuming)  # checkpoints/kNN use it: no wrappers
@@ -218,7 +238,7 @@ def _run(cfg: TrainConfig, device: torch.device, stop: StopRequest) -> None:
         )
         logger.info(
             "training %s (%s stem) on %d images: %d process(es) × batch %d, %d steps "
-            "(%d/epoch), peak lr %.4g, %s on %s",
+            "(%d/epoch), peak lr %.4g, %s on %s, appearance augmentation in the %s",
             cfg.arch,
             cfg.stem,
             len(paths),
@@ -229,6 +249,7 @@ def _run(cfg: TrainConfig, device: torch.device, stop: StopRequest) -> None:
             peak_lr,
             resolved["amp_dtype"],
             device,
+            "DataLoader workers" if augment_on == "workers" else f"main process on {device}",
         )
     reporter = Reporter(
         out,
@@ -308,6 +329,7 @@ def _run(cfg: TrainConfig, device: torch.device, stop: StopRequest) -> None:
                 channels_last=cuda,
                 on_step=on_step,
                 stop=stop,
+                appearance=appearance,
             )
             if state.batch_in_epoch >= steps_per_epoch:  # the epoch is complete
                 state.epoch, state.batch_in_epoch = state.epoch + 1, 0

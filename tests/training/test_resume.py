@@ -150,3 +150,28 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path: Path) -> None
     restore_rng_state(torch.load(tmp_path / "last.pt", weights_only=True)["rng"])
     got = (random.random(), np.random.standard_normal(), torch.rand(2))
     assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+
+
+@pytest.fixture(scope="module")
+def straight_device(one_thread: None, data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("straight-device")
+    assert run_main(main, _argv(data, out, 0, "--augment-on", "device")) == 0
+    return load_checkpoint(out / "checkpoints" / "last.pt")
+
+
+def test_device_augmentation_resumes_exactly(
+    data: Path, straight: dict, straight_device: dict, tmp_path: Path
+) -> None:
+    """--augment-on device draws its parameters from (seed, step, rank): a stopped and resumed
+    run sees the same views as an uninterrupted one."""
+    out = tmp_path / "resumed"
+    extra = ("--augment-on", "device")
+    assert run_main(main, _argv(data, out, 2, "--stop-after-steps", "4", *extra)) == 0
+    assert run_main(main, _argv(data, out, 2, "--resume", *extra)) == 0
+    resumed = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert resumed["config"]["augment_on"] == "device"
+    _assert_same(straight_device["model"], resumed["model"])
+    # Really the other path: other random draws than the workers' path, other weights.
+    assert not torch.equal(
+        straight["model"]["projector.3.weight"], straight_device["model"]["projector.3.weight"]
+    )
