@@ -133,6 +133,7 @@ class EmbeddingServer:
             max_queue=cfg.max_queue,
             max_inflight=inflight,
             observer=self.metrics,
+            policy=cfg.batching,
         )
         self._batcher.start()
         preprocessor = Preprocessor(runtime.info.image_size, runtime.info.resize, cfg.max_pixels)

@@ -1,9 +1,18 @@
 """Dynamic batching in pure asyncio, after Triton's dynamic batcher (no grpc, no onnxruntime).
 
-Requests of ``[n, S, S, 3]`` images wait in one FIFO queue. A model batch leaves when it holds
-``max_batch_size`` images or when the oldest waiting image has waited ``max_delay_s``; until then
-the collector sleeps exactly until that moment (a timer, no polling) or until a request fills the
-batch. A request larger than the room left is split across batches and its outputs reassembled
+Requests of ``[n, S, S, 3]`` images wait in one FIFO queue. The collector first takes a model
+slot (at most ``max_inflight`` batches run at once; while all are busy, images accumulate), then:
+
+- ``continuous`` (the default, like TEI's and vLLM's schedulers): when no batch is running — the
+  model is idle — what is queued leaves at once: nobody else is coming, so waiting would only add
+  latency. While another batch runs, the next one fills until it holds ``max_batch_size`` images,
+  the oldest has waited ``max_delay_s``, or the model becomes idle: ``max_delay_s`` bounds only
+  how long a batch waits beside a busy model.
+- ``delay`` (Triton's rule): a batch leaves when full or when its oldest image has waited
+  ``max_delay_s``, idle model or not.
+
+Until then the collector sleeps exactly until that moment (a timer, no polling) or until a
+request fills the batch or a batch finishes. A request larger than the room left is split across batches and its outputs reassembled
 in order. The queue is bounded in images: a request that does not fit fails at once
 (:class:`QueueFullError`). Requests whose caller was cancelled, or whose deadline passed, are
 dropped before their batch runs. ``encode`` runs in a dedicated thread pool, never on the event
@@ -25,6 +34,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+POLICIES = ("continuous", "delay")
 Outputs = dict[str, np.ndarray]
 Encode = Callable[[np.ndarray], Mapping[str, np.ndarray]]  # [B, ...] -> {name: [B, ...]}
 
@@ -89,6 +99,7 @@ class DynamicBatcher:
         max_queue: most images waiting (not yet handed to a batch) at once.
         max_inflight: most ``encode`` calls running at once.
         observer: metrics hooks.
+        policy: ``continuous`` or ``delay`` (see the module docstring).
     """
 
     def __init__(
@@ -100,11 +111,15 @@ class DynamicBatcher:
         max_queue: int = 1024,
         max_inflight: int = 1,
         observer: BatchObserver | None = None,
+        policy: str = "continuous",
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_inflight < 1 or max_delay_s < 0:
             raise ValueError(
                 "max_batch_size, max_queue, max_inflight must be >= 1, max_delay_s >= 0"
             )
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        self.policy = policy
         self._encode = encode
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
@@ -116,6 +131,7 @@ class DynamicBatcher:
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(max_inflight)
         self._running: set[asyncio.Task[None]] = set()
+        self._busy = 0  # batches in the model right now
         self._collector: asyncio.Task[None] | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._stopping = False
@@ -216,6 +232,7 @@ class DynamicBatcher:
             if batch is None:  # stopping and nothing left
                 self._slots.release()
                 return
+            self._busy += 1  # counted here, uncounted in _run_batch: no done-callback lag
             task = loop.create_task(self._run_batch(batch, loop))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
@@ -229,6 +246,8 @@ class DynamicBatcher:
                 await self._wait(None)
                 continue
             if self._queued >= self.max_batch_size or self._stopping:
+                return self._take()
+            if self.policy == "continuous" and not self._busy:  # idle model: go now
                 return self._take()
             remaining = self._queue[0].enqueued_at + self.max_delay_s - loop.time()
             if remaining <= 0:
@@ -288,7 +307,9 @@ class DynamicBatcher:
             for request, _, _ in batch:
                 self._fail(request, exc)
         finally:
+            self._busy -= 1
             self._slots.release()
+            self._wakeup.set()  # a collector waiting beside a busy model may go now
 
     @staticmethod
     def _scatter(batch: list[Segment], outputs: Mapping[str, np.ndarray]) -> None:

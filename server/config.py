@@ -24,6 +24,7 @@ class ServeConfig:
     device: str = "auto"
     max_batch_size: int = 32
     max_delay_ms: float = 2.0
+    batching: str = "continuous"  # continuous | delay (server.batcher)
     max_queue: int = 1024
     max_request_images: int = 1024
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -72,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=2.0,
         help="longest wait of the oldest queued image for batch-mates [2]",
+    )
+    p.add_argument(
+        "--batching",
+        choices=("continuous", "delay"),
+        default="continuous",
+        help="continuous: an idle model takes what is queued at once, the delay bounds only the "
+        "wait beside a busy model; delay: every partial batch waits --max-delay-ms (Triton's "
+        "rule) [continuous]",
     )
     p.add_argument(
         "--max-queue",
@@ -182,6 +191,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         device=args.device,
         max_batch_size=args.max_batch_size,
         max_delay_ms=args.max_delay_ms,
+        batching=args.batching,
         max_queue=args.max_queue,
         max_request_images=args.max_request_images,
         max_pixels=args.max_pixels,

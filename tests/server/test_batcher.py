@@ -100,15 +100,74 @@ def test_full_batch_leaves_without_waiting_for_the_delay() -> None:
 
 
 def test_partial_batch_leaves_after_max_delay_with_what_arrived() -> None:
+    """Triton's rule (policy "delay"): a partial batch waits out the delay even on an idle model."""
+
     async def main() -> None:
         rt = FakeRuntime()
-        b = await started(rt, max_batch_size=8, max_delay_s=0.3)
+        b = await started(rt, max_batch_size=8, max_delay_s=0.3, policy="delay")
         first = asyncio.ensure_future(b.submit(images(1)))
         await asyncio.sleep(0.01)  # well inside the first image's delay
         second = asyncio.ensure_future(b.submit(images(2, 3)))
         assert_outputs(await first, 1)
         assert_outputs(await second, 2, 3)
         assert rt.batches == [[1, 2, 3]]
+        await b.stop()
+
+    run(main())
+
+
+def test_continuous_an_idle_model_takes_a_lone_request_at_once() -> None:
+    """Nobody else is coming: however long the delay, an idle model does not wait."""
+
+    async def main() -> None:
+        rt = FakeRuntime()
+        b = await started(rt, max_batch_size=8, max_delay_s=LONG)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        assert_outputs(await b.submit(images(1)), 1)
+        assert_outputs(await b.submit(images(2)), 2)
+        assert loop.time() - t0 < 1.0 and rt.batches == [[1], [2]]
+        await b.stop()
+
+    run(main())
+
+
+def test_continuous_the_next_batch_fills_while_the_model_is_busy() -> None:
+    """With a batch in the model, requests accumulate (a free second slot waits beside it) and
+    leave together the moment the model is idle again."""
+
+    async def main() -> None:
+        rt = FakeRuntime(gated=True)
+        b = await started(rt, max_batch_size=8, max_delay_s=LONG, max_inflight=2)
+        first = asyncio.ensure_future(b.submit(images(1)))
+        await rt.wait_entered()  # [1] is in the model
+        rest = [asyncio.ensure_future(b.submit(images(i))) for i in (2, 3, 4)]
+        await asyncio.sleep(0.2)
+        assert rt.batches == [[1]]  # the free slot waits: the model is busy
+        rt.release()  # [1] done → the model is idle → [2, 3, 4] go together
+        assert_outputs(await first, 1)
+        await rt.wait_entered()
+        rt.release()
+        for i, fut in zip((2, 3, 4), rest, strict=True):
+            assert_outputs(await fut, i)
+        assert rt.batches == [[1], [2, 3, 4]]
+        await b.stop()
+
+    run(main())
+
+
+def test_continuous_max_delay_bounds_the_wait_beside_a_busy_model() -> None:
+    async def main() -> None:
+        rt = FakeRuntime(gated=True)
+        b = await started(rt, max_batch_size=8, max_delay_s=0.2, max_inflight=2)
+        first = asyncio.ensure_future(b.submit(images(1)))
+        await rt.wait_entered()
+        second = asyncio.ensure_future(b.submit(images(2)))
+        await rt.wait_entered()  # after 0.2 s [2] runs in the second slot beside [1]
+        assert rt.batches == [[1], [2]]
+        rt.release(2)
+        assert_outputs(await first, 1)
+        assert_outputs(await second, 2)
         await b.stop()
 
     run(main())

@@ -157,7 +157,14 @@ def _wait_queued(server: ServerThread, n: int) -> None:
 def test_queue_full_deadline_and_drain(tiny_onnx: Path) -> None:
     """A long max delay holds a request in the queue; meanwhile: overflow, a deadline, a drain."""
     srv = ServerThread(
-        serve_config(tiny_onnx, max_batch_size=64, max_delay_ms=1500, max_queue=4, max_message_mb=1)
+        serve_config(
+            tiny_onnx,
+            max_batch_size=64,
+            max_delay_ms=1500,
+            max_queue=4,
+            max_message_mb=1,
+            batching="delay",  # so that a partial batch waits in the queue
+        )
     )
     try:
         stub = pb_grpc.EmbeddingServiceStub(grpc.insecure_channel(srv.target))
