@@ -80,6 +80,8 @@ class _Request:
     taken: int = 0  # images already handed to a batch
     answered: int = 0  # images whose outputs have been copied into `outputs`
     outputs: Outputs | None = field(default=None, repr=False)
+    started_at: float | None = None  # loop.time() its first model call started
+    inference_s: float = 0.0  # duration of the model calls its images were in
 
     @property
     def size(self) -> int:
@@ -129,6 +131,7 @@ class DynamicBatcher:
         self._queue: collections.deque[_Request] = collections.deque()
         self._queued = 0  # images in the queue not yet handed to a batch
         self._wakeup = asyncio.Event()
+        self._room = asyncio.Event()  # replaced (and the old one set) whenever the queue shrinks
         self._slots = asyncio.Semaphore(max_inflight)
         self._running: set[asyncio.Task[None]] = set()
         self._busy = 0  # batches in the model right now
@@ -157,11 +160,31 @@ class DynamicBatcher:
         )
         self._collector = asyncio.get_running_loop().create_task(self._collect(), name="batcher")
 
-    async def submit(self, images: np.ndarray, *, deadline: float | None = None) -> Outputs:
+    async def wait_for_room(self, n: int, deadline: float | None = None) -> bool:
+        """Wait until ``n`` images fit the queue (True) or ``deadline`` passes (False): for callers
+        that would rather wait than be refused (a stream, which bounds itself)."""
+        loop = asyncio.get_running_loop()
+        while not self.has_room(n):
+            timeout = None if deadline is None else deadline - loop.time()
+            if timeout is not None and timeout <= 0:
+                return False
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._room.wait(), timeout)
+        return True
+
+    async def submit(
+        self,
+        images: np.ndarray,
+        *,
+        deadline: float | None = None,
+        timing: dict[str, float] | None = None,
+    ) -> Outputs:
         """Queue ``images`` ``[n, ...]`` and wait for ``{name: [n, ...]}`` in the same order.
 
-        ``deadline`` is in ``loop.time()`` seconds. Raises :class:`QueueFullError`,
-        :class:`DeadlineExceededError`, :class:`BatcherStoppedError`, or what ``encode`` raised.
+        ``deadline`` is in ``loop.time()`` seconds. ``timing``, when given, gets ``queue_s`` (wait
+        before the first model call) and ``inference_s`` (the model calls' durations). Raises
+        :class:`QueueFullError`, :class:`DeadlineExceededError`, :class:`BatcherStoppedError`, or
+        what ``encode`` raised.
         """
         if self._collector is None or self._stopping:
             raise BatcherStoppedError("the batcher is not accepting work (starting or draining)")
@@ -183,10 +206,14 @@ class DynamicBatcher:
         if was_empty or self._queued >= self.max_batch_size:
             self._wakeup.set()
         try:
-            return await request.future
+            outputs = await request.future
         except asyncio.CancelledError:
             self._forget(request)  # free its queue space now, not when the collector gets there
             raise
+        if timing is not None and request.started_at is not None:
+            timing["queue_s"] = request.started_at - request.enqueued_at
+            timing["inference_s"] = request.inference_s
+        return outputs
 
     async def stop(self, timeout: float | None = None) -> None:
         """Drain: refuse new work, run what is queued without waiting for the delay, wait for
@@ -280,7 +307,13 @@ class DynamicBatcher:
             if request.taken == request.size:
                 self._queue.popleft()
         self._observer.queue_changed(self._queued)
+        self._room_freed()
         return batch
+
+    def _room_freed(self) -> None:
+        """Wake everyone in :meth:`wait_for_room` (each re-checks)."""
+        room, self._room = self._room, asyncio.Event()
+        room.set()
 
     async def _run_batch(self, batch: list[Segment], loop: asyncio.AbstractEventLoop) -> None:
         try:
@@ -297,6 +330,10 @@ class DynamicBatcher:
             self._observer.batch_done(
                 len(images), [started - request.enqueued_at for request, _, _ in batch], inference_s
             )
+            for request, _, _ in batch:
+                if request.started_at is None:
+                    request.started_at = started
+                request.inference_s += inference_s
             self._scatter(batch, outputs)
         except asyncio.CancelledError:
             for request, _, _ in batch:
@@ -337,6 +374,7 @@ class DynamicBatcher:
             with contextlib.suppress(ValueError):
                 self._queue.remove(request)
             self._observer.queue_changed(self._queued)
+            self._room_freed()
 
     def _fail(self, request: _Request, exc: BaseException) -> None:
         if not request.future.done():

@@ -87,9 +87,12 @@ def _skip_done(inputs: Iterator[Path], done: int, last: str | None) -> Iterator[
 
 
 def run_job(
-    cfg: JobConfig, engine: Engine, on_progress: Callable[[int], None] | None = None
+    cfg: JobConfig, engine: Engine, on_batch: Callable[[EmbedBatch], None] | None = None
 ) -> Summary:
-    """Run (or continue) the job; raises ``SimclrError`` with a one-line reason on failure."""
+    """Run (or continue) the job; raises ``SimclrError`` with a one-line reason on failure.
+
+    ``on_batch`` sees every batch once it is stored (progress, timing statistics).
+    """
     check_paths(cfg.paths)
     info = engine.model_info()
     dim = int(info["projection_dimension" if cfg.kind == "projection" else "feature_dimension"])
@@ -148,8 +151,8 @@ def run_job(
         last = names[-1]
         if committed - store.progress.inputs >= cfg.part_size:
             store.commit(committed, last)
-        if on_progress is not None:
-            on_progress(batch.count)
+        if on_batch is not None:
+            on_batch(batch)
     if not any_input:
         raise SimclrError(f"no images found in {', '.join(map(str, cfg.paths))}")
     if committed != store.progress.inputs:

@@ -39,6 +39,7 @@ from server.channel import (
     make_channel,
     probe_options,
 )
+from server.client_stream import StreamUnsupported, stream_batches
 from server.codec import (
     KINDS,
     Chunk,
@@ -175,12 +176,29 @@ class EmbeddingClient(_ClientBase):
         *,
         concurrency: int = 1,
         on_error: str = "skip",
+        stream: bool = False,
     ) -> Iterator[EmbedBatch]:
         """Yield one :class:`EmbedBatch` per request, in input order, as answers arrive; at most
-        ``concurrency`` requests are in flight (and in memory)."""
+        ``concurrency`` requests are in flight (and in memory).
+
+        ``stream=True`` (with ``on_error="skip"``): all requests on one ``EmbedStream`` call,
+        up to ``2 × concurrency`` unanswered (``server.client_stream``); unary calls where the
+        server has no such RPC.
+        """
         check_options(kind, on_error)
         skip = on_error == "skip"
         chunks = plan_chunks(images, self.max_batch, self._max_bytes, skip=skip)
+        if stream and skip:
+            try:
+                yield from stream_batches(
+                    self._stub.EmbedStream, chunks, kind=kind, normalize=normalize, skip=skip,
+                    window=max(2, 2 * concurrency), resend=self.resend,
+                    dim=lambda: self._dim(kind), metadata=self._metadata, backoff=backoff_s,
+                    resendable=RESENDABLE,
+                )  # fmt: skip
+                return
+            except StreamUnsupported as old_server:
+                chunks = old_server.remaining
         if concurrency <= 1:  # no thread pool for the common one-at-a-time case
             for chunk in chunks:
                 yield self._batch(chunk, kind, normalize, skip)

@@ -59,6 +59,7 @@ class EmbedBatch:
     vectors: np.ndarray
     indices: np.ndarray
     failures: list[Failure]
+    timings: tuple[float, float, float] | None = None  # server ms: decode, queue, inference
 
 
 @dataclass(frozen=True)
@@ -166,25 +167,37 @@ def check_options(kind: str, on_error: str) -> None:
 def to_batch(chunk: Chunk, response: pb.EmbedResponse | None, dim: int) -> EmbedBatch:
     """A chunk and its answer (``None``: nothing was sendable) → :class:`EmbedBatch`."""
     failures = list(chunk.failures)
-    rows: list[Any] = []
-    positions: list[int] = []
-    if response is not None:
+    timings = None
+    if response is None:
+        vectors, positions = np.zeros((0, dim), np.float32), np.zeros(0, np.int64)
+    else:
         bad = {e.index: e.reason for e in response.errors}
-        dim = response.dimension
-        for j, (position, emb) in enumerate(zip(chunk.positions, response.embeddings, strict=True)):
-            if j in bad:
-                failures.append(Failure(position, bad[j]))
-            else:
-                rows.append(emb.values)
-                positions.append(position)
-    vectors = np.array(rows, dtype=np.float32).reshape(len(rows), dim)  # [n_ok, D]
+        failures += [Failure(chunk.positions[j], reason) for j, reason in bad.items()]
+        keep = [j for j in range(len(chunk.positions)) if j not in bad]
+        vectors = to_array(response, len(chunk.positions))[keep]  # [n_ok, D]
+        positions = np.array([chunk.positions[j] for j in keep], np.int64)
+        if response.HasField("timings"):
+            t = response.timings
+            timings = (t.decode_ms, t.queue_ms, t.inference_ms)
     failures.sort(key=lambda f: f.index)
-    return EmbedBatch(chunk.start, chunk.count, vectors, np.array(positions, np.int64), failures)
+    return EmbedBatch(chunk.start, chunk.count, vectors, positions, failures, timings)
 
 
-def to_array(response: pb.EmbedResponse) -> np.ndarray:
+def to_array(response: pb.EmbedResponse, n: int | None = None) -> np.ndarray:
+    """Either form of an answer → float32 ``[n, D]``: the packed matrix (little-endian bytes) or
+    one ``repeated float`` per image."""
+    d = response.dimension
+    if response.packed_embeddings:
+        rows = len(response.packed_embeddings) // (4 * d) if d else 0
+        return np.frombuffer(response.packed_embeddings, "<f4").reshape(rows, d).astype(np.float32)
+    if n is not None and any(len(e.values) == 0 for e in response.embeddings):  # per-image errors
+        out = np.zeros((len(response.embeddings), d), np.float32)
+        for i, e in enumerate(response.embeddings):
+            if len(e.values):
+                out[i] = e.values
+        return out
     out = np.array([e.values for e in response.embeddings], dtype=np.float32)  # [n, D]
-    return out.reshape(len(response.embeddings), response.dimension)
+    return out.reshape(len(response.embeddings), d)
 
 
 def rpc_error(exc: grpc.RpcError, start: int) -> EmbeddingError:

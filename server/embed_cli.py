@@ -59,6 +59,8 @@ class EmbedConfig:
     token: str | None = None
     tls: bool | Path = False
     progress: bool = True
+    stream: bool = True
+    verbose: bool = False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls", action="store_true", help="connect with TLS (system root CAs)")
     p.add_argument("--tls-ca", type=Path, default=None, help="PEM root CA to trust (implies --tls)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-stream",
+        action="store_true",
+        help="--target: one unary Embed call per batch instead of one EmbedStream",
+    )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="--target: print the server's decode/queue/inference time percentiles at the end",
+    )
     return p
 
 
@@ -150,6 +163,8 @@ def parse_config(argv: Sequence[str] | None) -> EmbedConfig:
         token=token,
         tls=args.tls_ca if args.tls_ca is not None else args.tls,
         progress=not args.no_progress,
+        stream=not args.no_stream,
+        verbose=args.verbose,
     )
 
 
@@ -179,14 +194,14 @@ def _engine(cfg: EmbedConfig) -> OfflineEmbedder | _Remote:
     except TimeoutError:
         client.close()
         raise SimclrError(f"{cfg.target}: no SERVING server after {cfg.wait_s:g} s") from None
-    return _Remote(client, cfg.concurrency)
+    return _Remote(client, cfg.concurrency, cfg.stream)
 
 
 class _Remote:
     """The client as a bulk-job engine: its ``embed_iter`` at the CLI's concurrency."""
 
-    def __init__(self, client: EmbeddingClient, concurrency: int) -> None:
-        self.client, self.concurrency = client, concurrency
+    def __init__(self, client: EmbeddingClient, concurrency: int, stream: bool = True) -> None:
+        self.client, self.concurrency, self.stream = client, concurrency, stream
 
     def model_info(self) -> dict[str, Any]:
         return self.client.model_info()
@@ -195,7 +210,12 @@ class _Remote:
         self, images: Iterable[Any], kind: str, normalize: bool, *, on_error: str
     ) -> Iterator[EmbedBatch]:
         return self.client.embed_iter(
-            images, kind, normalize, concurrency=self.concurrency, on_error=on_error
+            images,
+            kind,
+            normalize,
+            concurrency=self.concurrency,
+            on_error=on_error,
+            stream=self.stream,
         )
 
     def close(self) -> None:
@@ -239,10 +259,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         job = JobConfig(cfg.paths, cfg.output, cfg.fmt, cfg.kind, cfg.normalize, cfg.on_error,
                         cfg.resume, cfg.part_size)  # fmt: skip
         engine = None
+        timings: list[tuple[float, float, float]] = []
         try:
             engine = _engine(cfg)
             with tqdm(unit="img", disable=not cfg.progress, file=sys.stderr) as bar:
-                summary = run_job(job, engine, on_progress=bar.update)
+
+                def on_batch(batch: EmbedBatch) -> None:
+                    bar.update(batch.count)
+                    if batch.timings is not None:
+                        timings.append(batch.timings)
+
+                summary = run_job(job, engine, on_batch=on_batch)
         except EmbeddingError as exc:
             raise SimclrError(f"{cfg.target}: {exc}") from None
         except grpc.RpcError as exc:  # health/connection problems outside embed_iter
@@ -260,4 +287,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{status}embedded N={rows} images, D={dim} ({what}) with model {version} -> {where}")
     if skipped:
         print(f"skipped {skipped} unusable file(s), listed in {errors_path(cfg.output)}")
+    if cfg.verbose and cfg.ray is None and timings:
+        print(timing_report(timings))
     return 0
+
+
+def timing_report(timings: Sequence[tuple[float, float, float]]) -> str:
+    """Percentiles of the server's per-request stage times: is the time in decoding, in the
+    queue (the server is busy), or in the model?"""
+    import numpy as np
+
+    arr = np.asarray(timings)  # [requests, 3] ms
+    lines = [
+        f"server time per request over {len(arr)} requests (ms):",
+        "  stage      p50     p90     p99",
+    ]
+    for k, name in enumerate(("decode", "queue", "inference")):
+        p50, p90, p99 = np.percentile(arr[:, k], (50, 90, 99))
+        lines.append(f"  {name:<9} {p50:7.1f} {p90:7.1f} {p99:7.1f}")
+    return "\n".join(lines)

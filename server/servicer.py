@@ -11,7 +11,9 @@ import asyncio
 import concurrent.futures
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import NoReturn
 
 import grpc
 import numpy as np
@@ -26,7 +28,9 @@ from server.images import ImageError, Preprocessor
 from server.metrics import Metrics
 from server.pb.simclr.v1 import embedding_pb2 as pb
 from server.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc
+from server.rpc import RpcFailure, abort, caller_gone, gone_code
 from server.runtime import ModelInfo, select_output
+from server.streaming import stream_responses
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +40,6 @@ _OUTPUT_FOR_KIND = {
     pb.EMBEDDING_KIND_FEATURES: ("features", pb.EMBEDDING_KIND_FEATURES),
     pb.EMBEDDING_KIND_PROJECTION: ("projection", pb.EMBEDDING_KIND_PROJECTION),
 }
-
-
-class RpcFailure(Exception):
-    """Ends the current RPC with ``code`` and ``details``."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code, self.details = code, details
 
 
 @dataclass(frozen=True)
@@ -105,48 +101,96 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             return False
         return True
 
-    async def Embed(
-        self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext
-    ) -> pb.EmbedResponse:
+    def _enter(self, context: grpc.aio.ServicerContext) -> bool:
+        """Count a new call in flight; False (after counting the refusal) while not accepting."""
         self.last_call = asyncio.get_running_loop().time()
         if not self._accepting:  # starting up or draining: not counted as in flight
             self._metrics.request_done(
-                "DEADLINE_EXCEEDED" if _caller_gone(context) else "UNAVAILABLE", 0
+                "DEADLINE_EXCEEDED" if caller_gone(context) else "UNAVAILABLE", 0
             )
-            await _abort(context, grpc.StatusCode.UNAVAILABLE, self._refusal)
+            return False
         self._inflight += 1
         self._idle.clear()
+        return True
+
+    def _leave(self) -> None:
+        self._inflight -= 1
+        if self._inflight == 0:
+            self._idle.set()
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    async def Embed(
+        self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> pb.EmbedResponse:
+        if not self._enter(context):
+            await abort(context, grpc.StatusCode.UNAVAILABLE, self._refusal)
         try:
-            return await self._answer(request, context)
+            response = await self._answer(request, context)
         finally:
-            self._inflight -= 1
-            if self._inflight == 0:
-                self._idle.set()
+            self._leave()
+        t = response.timings
+        context.set_trailing_metadata(
+            (
+                ("simclr-decode-ms", f"{t.decode_ms:.3f}"),
+                ("simclr-queue-ms", f"{t.queue_ms:.3f}"),
+                ("simclr-inference-ms", f"{t.inference_ms:.3f}"),
+            )
+        )
+        return response
+
+    async def EmbedStream(
+        self, request_iterator: AsyncIterator[pb.EmbedRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.EmbedResponse]:
+        """See ``server.streaming``: the messages of one stream through the same path as Embed."""
+        if not self._enter(context):
+            await abort(context, grpc.StatusCode.UNAVAILABLE, self._refusal)
+        try:
+            async for response in stream_responses(self, request_iterator, context):
+                yield response
+        except asyncio.CancelledError:  # the client cancelled the stream or its deadline hit
+            self._metrics.request_done(gone_code(context), 0)
+            raise
+        finally:
+            self._leave()
 
     async def _answer(
         self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> pb.EmbedResponse:
+        """One request, counted in the metrics; failures end the call (abort)."""
         try:
-            response = await self._embed(request, context)
+            response = await self.embed(request, context)
         except RpcFailure as exc:
-            if _caller_gone(context):  # nobody is listening for the answer any more
-                self._metrics.request_done(_gone_code(context), 0)
-                log.debug("Embed n=%d: caller gone before its %s", len(request.images), exc.code)
-                raise asyncio.CancelledError from None
-            self._metrics.request_done(exc.code.name, 0)
-            log.debug("Embed n=%d -> %s: %s", len(request.images), exc.code.name, exc.details)
-            await _abort(context, exc.code, exc.details)
+            await self.fail(exc, context, len(request.images))
         except asyncio.CancelledError:  # client gone or deadline hit: grpc cancels this task
-            self._metrics.request_done(_gone_code(context), 0)
+            self._metrics.request_done(gone_code(context), 0)
             raise
         except Exception as exc:
             self._metrics.request_done("INTERNAL", 0)
             log.exception("Embed failed")
-            await _abort(
+            await abort(
                 context, grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
             )
-        self._metrics.request_done("OK", len(request.images) - len(response.errors))
+        self.count_ok(request, response)
         return response
+
+    def count_ok(self, request: pb.EmbedRequest, response: pb.EmbedResponse) -> None:
+        self._metrics.request_done("OK", len(request.images) - len(response.errors))
+
+    async def fail(
+        self, exc: RpcFailure, context: grpc.aio.ServicerContext, n: int, prefix: str = ""
+    ) -> NoReturn:
+        """End the call with ``exc`` (counted as the caller sees it)."""
+        if caller_gone(context):  # nobody is listening for the answer any more
+            self._metrics.request_done(gone_code(context), 0)
+            log.debug("Embed n=%d: caller gone before its %s", n, exc.code)
+            raise asyncio.CancelledError from None
+        self._metrics.request_done(exc.code.name, 0)
+        log.debug("Embed n=%d -> %s: %s%s", n, exc.code.name, prefix, exc.details)
+        await abort(context, exc.code, prefix + exc.details)
+        raise AssertionError("abort returned")  # pragma: no cover
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
@@ -165,9 +209,15 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             providers=list(backend.providers),
         )
 
-    async def _embed(
-        self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext
+    async def embed(
+        self,
+        request: pb.EmbedRequest,
+        context: grpc.aio.ServicerContext,
+        *,
+        wait_for_room: bool = False,
     ) -> pb.EmbedResponse:
+        """One request → its response (raises :class:`RpcFailure`). ``wait_for_room``: wait
+        for queue space instead of answering RESOURCE_EXHAUSTED (a stream bounds itself)."""
         backend = self._backend
         assert backend is not None  # accepting implies attached
         if request.kind not in _OUTPUT_FOR_KIND:
@@ -185,6 +235,11 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 f"request has {n} images, at most {limit} per request "
                 f"(--max-request-images/--max-queue); send several requests",
             )
+        loop = asyncio.get_running_loop()
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else loop.time() + remaining
+        if wait_for_room and not await backend.batcher.wait_for_room(n, deadline):
+            raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed waiting for room")
         if not backend.batcher.has_room(n):  # overloaded: refuse before spending decode time
             raise RpcFailure(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -195,14 +250,12 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         # [m, S, S, 3] of the m usable images, and {index: reason} of the others (only with
         # per_image_errors; otherwise the first bad image has already failed the request).
         images, bad = await self._decode(request, backend.preprocessor)
-        t1 = time.perf_counter()
+        decode_ms = 1e3 * (time.perf_counter() - t0)
         name, kind = _OUTPUT_FOR_KIND[request.kind]
+        timing: dict[str, float] = {}
         if len(images):
-            remaining = context.time_remaining()
-            loop = asyncio.get_running_loop()
-            deadline = None if remaining is None else loop.time() + remaining
             try:
-                outputs = await backend.batcher.submit(images, deadline=deadline)
+                outputs = await backend.batcher.submit(images, deadline=deadline, timing=timing)
             except QueueFullError as exc:
                 raise RpcFailure(
                     grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry later"
@@ -215,27 +268,35 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         else:  # every image was bad: nothing to run
             dim = backend.info.feature_dim if name == "features" else backend.info.projection_dim
             vectors = np.zeros((0, dim), np.float32)
+        timings = pb.StageTimings(
+            decode_ms=decode_ms,
+            queue_ms=1e3 * timing.get("queue_s", 0.0),
+            inference_ms=1e3 * timing.get("inference_s", 0.0),
+        )
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
-                "Embed peer=%s n=%d bad=%d kind=%d decode_ms=%.1f queue+model_ms=%.1f",
-                context.peer(),
-                n,
-                len(bad),
-                request.kind,
-                1e3 * (t1 - t0),
-                1e3 * (time.perf_counter() - t1),
-            )
-        rows = iter(vectors.tolist())
-        embeddings = [
-            pb.Embedding() if i in bad else pb.Embedding(values=next(rows)) for i in range(n)
-        ]
-        return pb.EmbedResponse(
-            embeddings=embeddings,
+                "Embed peer=%s n=%d bad=%d kind=%d decode_ms=%.1f queue_ms=%.1f model_ms=%.1f",
+                context.peer(), n, len(bad), request.kind,
+                timings.decode_ms, timings.queue_ms, timings.inference_ms,
+            )  # fmt: skip
+        response = pb.EmbedResponse(
             kind=kind,
             dimension=vectors.shape[1],
             model_version=backend.info.model_version,
             errors=[pb.ImageError(index=i, reason=reason) for i, reason in sorted(bad.items())],
+            timings=timings,
         )
+        if request.packed:  # [n, D] little-endian float32, zeros for the bad images
+            matrix = np.zeros((n, vectors.shape[1]), "<f4")
+            good = [i for i in range(n) if i not in bad]
+            matrix[good] = vectors
+            response.packed_embeddings = matrix.tobytes()
+        else:
+            rows = iter(vectors.tolist())
+            response.embeddings.extend(
+                pb.Embedding() if i in bad else pb.Embedding(values=next(rows)) for i in range(n)
+            )
+        return response
 
     async def _decode(
         self, request: pb.EmbedRequest, pre: Preprocessor
@@ -278,30 +339,3 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             raise ImageError("neither encoded bytes nor raw pixels are set")
         finally:  # refused images cost decode time too
             self._metrics.decode_seconds.observe(time.perf_counter() - started)
-
-
-def _caller_gone(context: grpc.aio.ServicerContext) -> bool:
-    """The call's deadline has passed (grpc cancels it; an answer could no longer be sent)."""
-    remaining = context.time_remaining()
-    return remaining is not None and remaining <= 0
-
-
-def _gone_code(context: grpc.aio.ServicerContext) -> str:
-    """What the caller saw when it went away: its own deadline, or a cancel."""
-    return "DEADLINE_EXCEEDED" if _caller_gone(context) else "CANCELLED"
-
-
-async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> None:
-    """``context.abort``, quiet when the call ended under us (client cancelled or timed out).
-
-    Sending the status of a call the client has just abandoned fails inside grpc with an
-    ``ExecuteBatchError`` that grpc logs at ERROR with a traceback; for a normal event (a client
-    giving up) the answer is simply dropped, like a cancel.
-    """
-    try:
-        await context.abort(code, details)
-    except grpc.aio.AbortError:
-        raise  # the normal way abort ends the handler
-    except Exception as exc:
-        log.debug("could not send %s (caller gone): %s", code.name, exc)
-        raise asyncio.CancelledError from None

@@ -17,6 +17,7 @@ import onnxruntime as ort
 import pytest
 
 from server.bulk import JobConfig, run_job
+from server.codec import EmbedBatch
 from server.offline import OfflineEmbedder
 from simclr_embed.cli import main as simclr
 from simclr_embed.imageio import open_image, to_model_input
@@ -190,7 +191,7 @@ def test_a_torn_part_is_never_read_back(many, tiny_onnx, tmp_path) -> None:
             run_job(cfg, engine)
             with pytest.raises(_Crash):
                 crash = _crash_after(200)
-                run_job(JobConfig((many,), out, fmt, part_size=40), engine, on_progress=crash)
+                run_job(JobConfig((many,), out, fmt, part_size=40), engine, on_batch=crash)
             state = out.with_name(name + ".partial") if fmt == "npy" else out
             journal = state / ("journal.jsonl" if fmt == "npy" else "_simclr_journal.jsonl")
             with open(journal, "ab") as f:
@@ -258,7 +259,7 @@ def test_bad_usage_harms_nothing(many, tiny_onnx, tmp_path, capsys) -> None:
             p.value = "0123456789abcdef"
     onnx.save(proto, str(other))
     with OfflineEmbedder(tiny_onnx, device="cpu", batch=8) as engine, pytest.raises(_Crash):
-        run_job(JobConfig((many,), out, part_size=16), engine, on_progress=_crash_after(64))
+        run_job(JobConfig((many,), out, part_size=16), engine, on_batch=_crash_after(64))
     state = out.with_name("out.npy.partial")
     before = {p.name: p.read_bytes() for p in state.iterdir()}
     assert simclr([*base, "--model", str(other), "--resume"]) == 1
@@ -280,8 +281,8 @@ def test_bad_usage_harms_nothing(many, tiny_onnx, tmp_path, capsys) -> None:
 def _crash_after(n: int):
     seen = [0]
 
-    def hook(k: int) -> None:
-        seen[0] += k
+    def hook(batch: EmbedBatch) -> None:
+        seen[0] += batch.count
         if seen[0] >= n:
             raise _Crash
 

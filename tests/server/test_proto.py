@@ -62,6 +62,7 @@ def test_field_numbers_are_the_contract() -> None:
         "kind": 2,
         "l2_normalize": 3,
         "per_image_errors": 4,
+        "packed": 5,
     }
     assert numbers("Embedding") == {"values": 1}
     assert numbers("ImageError") == {"index": 1, "reason": 2}
@@ -71,7 +72,10 @@ def test_field_numbers_are_the_contract() -> None:
         "dimension": 3,
         "model_version": 4,
         "errors": 5,
+        "packed_embeddings": 6,
+        "timings": 7,
     }
+    assert numbers("StageTimings") == {"decode_ms": 1, "queue_ms": 2, "inference_ms": 3}
     assert numbers("GetModelInfoRequest") == {}
     assert numbers("GetModelInfoResponse") == {
         "model_version": 1,
@@ -89,5 +93,7 @@ def test_field_numbers_are_the_contract() -> None:
         kinds.EMBEDDING_KIND_PROJECTION,
     ) == (0, 1, 2)
     service = embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"]
-    assert sorted(m.name for m in service.methods) == ["Embed", "GetModelInfo"]
+    assert sorted(m.name for m in service.methods) == ["Embed", "EmbedStream", "GetModelInfo"]
+    stream = service.methods_by_name["EmbedStream"]
+    assert stream.client_streaming and stream.server_streaming
     assert hasattr(embedding_pb2_grpc, "add_EmbeddingServiceServicer_to_server")

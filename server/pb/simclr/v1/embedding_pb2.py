@@ -24,31 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19simclr/v1/embedding.proto\x12\tsimclr.v1\"H\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12\"\n\x03raw\x18\x02 \x01(\x0b\x32\x13.simclr.v1.RawImageH\x00\x42\x08\n\x06source\"K\n\x08RawImage\x12\x0e\n\x06pixels\x18\x01 \x01(\x0c\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\"\x88\x01\n\x0c\x45mbedRequest\x12 \n\x06images\x18\x01 \x03(\x0b\x32\x10.simclr.v1.Image\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.simclr.v1.EmbeddingKind\x12\x14\n\x0cl2_normalize\x18\x03 \x01(\x08\x12\x18\n\x10per_image_errors\x18\x04 \x01(\x08\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"+\n\nImageError\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xb2\x01\n\rEmbedResponse\x12(\n\nembeddings\x18\x01 \x03(\x0b\x32\x14.simclr.v1.Embedding\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.simclr.v1.EmbeddingKind\x12\x11\n\tdimension\x18\x03 \x01(\r\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12%\n\x06\x65rrors\x18\x05 \x03(\x0b\x32\x15.simclr.v1.ImageError\"\x15\n\x13GetModelInfoRequest\"\xb3\x01\n\x14GetModelInfoResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x0c\n\x04\x61rch\x18\x02 \x01(\t\x12\x12\n\nimage_size\x18\x03 \x01(\r\x12\x19\n\x11\x66\x65\x61ture_dimension\x18\x04 \x01(\r\x12\x1c\n\x14projection_dimension\x18\x05 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\r\x12\x11\n\tproviders\x18\x07 \x03(\t*k\n\rEmbeddingKind\x12\x1e\n\x1a\x45MBEDDING_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45MBEDDING_KIND_FEATURES\x10\x01\x12\x1d\n\x19\x45MBEDDING_KIND_PROJECTION\x10\x02\x32\x9f\x01\n\x10\x45mbeddingService\x12:\n\x05\x45mbed\x12\x17.simclr.v1.EmbedRequest\x1a\x18.simclr.v1.EmbedResponse\x12O\n\x0cGetModelInfo\x12\x1e.simclr.v1.GetModelInfoRequest\x1a\x1f.simclr.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19simclr/v1/embedding.proto\x12\tsimclr.v1\"H\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12\"\n\x03raw\x18\x02 \x01(\x0b\x32\x13.simclr.v1.RawImageH\x00\x42\x08\n\x06source\"K\n\x08RawImage\x12\x0e\n\x06pixels\x18\x01 \x01(\x0c\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\"\x98\x01\n\x0c\x45mbedRequest\x12 \n\x06images\x18\x01 \x03(\x0b\x32\x10.simclr.v1.Image\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.simclr.v1.EmbeddingKind\x12\x14\n\x0cl2_normalize\x18\x03 \x01(\x08\x12\x18\n\x10per_image_errors\x18\x04 \x01(\x08\x12\x0e\n\x06packed\x18\x05 \x01(\x08\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"+\n\nImageError\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xf7\x01\n\rEmbedResponse\x12(\n\nembeddings\x18\x01 \x03(\x0b\x32\x14.simclr.v1.Embedding\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.simclr.v1.EmbeddingKind\x12\x11\n\tdimension\x18\x03 \x01(\r\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12%\n\x06\x65rrors\x18\x05 \x03(\x0b\x32\x15.simclr.v1.ImageError\x12\x19\n\x11packed_embeddings\x18\x06 \x01(\x0c\x12(\n\x07timings\x18\x07 \x01(\x0b\x32\x17.simclr.v1.StageTimings\"I\n\x0cStageTimings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x02\x12\x10\n\x08queue_ms\x18\x02 \x01(\x02\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x02\"\x15\n\x13GetModelInfoRequest\"\xb3\x01\n\x14GetModelInfoResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x0c\n\x04\x61rch\x18\x02 \x01(\t\x12\x12\n\nimage_size\x18\x03 \x01(\r\x12\x19\n\x11\x66\x65\x61ture_dimension\x18\x04 \x01(\r\x12\x1c\n\x14projection_dimension\x18\x05 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\r\x12\x11\n\tproviders\x18\x07 \x03(\t*k\n\rEmbeddingKind\x12\x1e\n\x1a\x45MBEDDING_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45MBEDDING_KIND_FEATURES\x10\x01\x12\x1d\n\x19\x45MBEDDING_KIND_PROJECTION\x10\x02\x32\xe5\x01\n\x10\x45mbeddingService\x12:\n\x05\x45mbed\x12\x17.simclr.v1.EmbedRequest\x1a\x18.simclr.v1.EmbedResponse\x12\x44\n\x0b\x45mbedStream\x12\x17.simclr.v1.EmbedRequest\x1a\x18.simclr.v1.EmbedResponse(\x01\x30\x01\x12O\n\x0cGetModelInfo\x12\x1e.simclr.v1.GetModelInfoRequest\x1a\x1f.simclr.v1.GetModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'simclr.v1.embedding_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EMBEDDINGKIND']._serialized_start=790
-  _globals['_EMBEDDINGKIND']._serialized_end=897
+  _globals['_EMBEDDINGKIND']._serialized_start=950
+  _globals['_EMBEDDINGKIND']._serialized_end=1057
   _globals['_IMAGE']._serialized_start=40
   _globals['_IMAGE']._serialized_end=112
   _globals['_RAWIMAGE']._serialized_start=114
   _globals['_RAWIMAGE']._serialized_end=189
   _globals['_EMBEDREQUEST']._serialized_start=192
-  _globals['_EMBEDREQUEST']._serialized_end=328
-  _globals['_EMBEDDING']._serialized_start=330
-  _globals['_EMBEDDING']._serialized_end=357
-  _globals['_IMAGEERROR']._serialized_start=359
-  _globals['_IMAGEERROR']._serialized_end=402
-  _globals['_EMBEDRESPONSE']._serialized_start=405
-  _globals['_EMBEDRESPONSE']._serialized_end=583
-  _globals['_GETMODELINFOREQUEST']._serialized_start=585
-  _globals['_GETMODELINFOREQUEST']._serialized_end=606
-  _globals['_GETMODELINFORESPONSE']._serialized_start=609
-  _globals['_GETMODELINFORESPONSE']._serialized_end=788
-  _globals['_EMBEDDINGSERVICE']._serialized_start=900
-  _globals['_EMBEDDINGSERVICE']._serialized_end=1059
+  _globals['_EMBEDREQUEST']._serialized_end=344
+  _globals['_EMBEDDING']._serialized_start=346
+  _globals['_EMBEDDING']._serialized_end=373
+  _globals['_IMAGEERROR']._serialized_start=375
+  _globals['_IMAGEERROR']._serialized_end=418
+  _globals['_EMBEDRESPONSE']._serialized_start=421
+  _globals['_EMBEDRESPONSE']._serialized_end=668
+  _globals['_STAGETIMINGS']._serialized_start=670
+  _globals['_STAGETIMINGS']._serialized_end=743
+  _globals['_GETMODELINFOREQUEST']._serialized_start=745
+  _globals['_GETMODELINFOREQUEST']._serialized_end=766
+  _globals['_GETMODELINFORESPONSE']._serialized_start=769
+  _globals['_GETMODELINFORESPONSE']._serialized_end=948
+  _globals['_EMBEDDINGSERVICE']._serialized_start=1060
+  _globals['_EMBEDDINGSERVICE']._serialized_end=1289
 # @@protoc_insertion_point(module_scope)

@@ -37,16 +37,18 @@ class RawImage(_message.Message):
     def __init__(self, pixels: _Optional[bytes] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("images", "kind", "l2_normalize", "per_image_errors")
+    __slots__ = ("images", "kind", "l2_normalize", "per_image_errors", "packed")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     L2_NORMALIZE_FIELD_NUMBER: _ClassVar[int]
     PER_IMAGE_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[Image]
     kind: EmbeddingKind
     l2_normalize: bool
     per_image_errors: bool
-    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., kind: _Optional[_Union[EmbeddingKind, str]] = ..., l2_normalize: _Optional[bool] = ..., per_image_errors: _Optional[bool] = ...) -> None: ...
+    packed: bool
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., kind: _Optional[_Union[EmbeddingKind, str]] = ..., l2_normalize: _Optional[bool] = ..., per_image_errors: _Optional[bool] = ..., packed: _Optional[bool] = ...) -> None: ...
 
 class Embedding(_message.Message):
     __slots__ = ("values",)
@@ -63,18 +65,32 @@ class ImageError(_message.Message):
     def __init__(self, index: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
-    __slots__ = ("embeddings", "kind", "dimension", "model_version", "errors")
+    __slots__ = ("embeddings", "kind", "dimension", "model_version", "errors", "packed_embeddings", "timings")
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
     embeddings: _containers.RepeatedCompositeFieldContainer[Embedding]
     kind: EmbeddingKind
     dimension: int
     model_version: str
     errors: _containers.RepeatedCompositeFieldContainer[ImageError]
-    def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., kind: _Optional[_Union[EmbeddingKind, str]] = ..., dimension: _Optional[int] = ..., model_version: _Optional[str] = ..., errors: _Optional[_Iterable[_Union[ImageError, _Mapping]]] = ...) -> None: ...
+    packed_embeddings: bytes
+    timings: StageTimings
+    def __init__(self, embeddings: _Optional[_Iterable[_Union[Embedding, _Mapping]]] = ..., kind: _Optional[_Union[EmbeddingKind, str]] = ..., dimension: _Optional[int] = ..., model_version: _Optional[str] = ..., errors: _Optional[_Iterable[_Union[ImageError, _Mapping]]] = ..., packed_embeddings: _Optional[bytes] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ...) -> None: ...
+
+class StageTimings(_message.Message):
+    __slots__ = ("decode_ms", "queue_ms", "inference_ms")
+    DECODE_MS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_MS_FIELD_NUMBER: _ClassVar[int]
+    decode_ms: float
+    queue_ms: float
+    inference_ms: float
+    def __init__(self, decode_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()

@@ -39,6 +39,11 @@ class EmbeddingServiceStub:
                 request_serializer=simclr_dot_v1_dot_embedding__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=simclr_dot_v1_dot_embedding__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.EmbedStream = channel.stream_stream(
+                '/simclr.v1.EmbeddingService/EmbedStream',
+                request_serializer=simclr_dot_v1_dot_embedding__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=simclr_dot_v1_dot_embedding__pb2.EmbedResponse.FromString,
+                _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/simclr.v1.EmbeddingService/GetModelInfo',
                 request_serializer=simclr_dot_v1_dot_embedding__pb2.GetModelInfoRequest.SerializeToString,
@@ -55,6 +60,17 @@ class EmbeddingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EmbedStream(self, request_iterator, context):
+        """One response per request message, in order; a bounded number of messages is in flight per
+        stream (the server stops reading beyond it: backpressure). Cancelling drops queued work. A
+        bad message ends the stream with INVALID_ARGUMENT naming its index ("message 3: image 1: ...")
+        unless that message asked for per_image_errors. While the server drains, the messages it has
+        read are answered and the stream then ends with UNAVAILABLE: resend the rest elsewhere.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetModelInfo(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -66,6 +82,11 @@ def add_EmbeddingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Embed': grpc.unary_unary_rpc_method_handler(
                     servicer.Embed,
+                    request_deserializer=simclr_dot_v1_dot_embedding__pb2.EmbedRequest.FromString,
+                    response_serializer=simclr_dot_v1_dot_embedding__pb2.EmbedResponse.SerializeToString,
+            ),
+            'EmbedStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.EmbedStream,
                     request_deserializer=simclr_dot_v1_dot_embedding__pb2.EmbedRequest.FromString,
                     response_serializer=simclr_dot_v1_dot_embedding__pb2.EmbedResponse.SerializeToString,
             ),
@@ -100,6 +121,33 @@ class EmbeddingService:
             request,
             target,
             '/simclr.v1.EmbeddingService/Embed',
+            simclr_dot_v1_dot_embedding__pb2.EmbedRequest.SerializeToString,
+            simclr_dot_v1_dot_embedding__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EmbedStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/simclr.v1.EmbeddingService/EmbedStream',
             simclr_dot_v1_dot_embedding__pb2.EmbedRequest.SerializeToString,
             simclr_dot_v1_dot_embedding__pb2.EmbedResponse.FromString,
             options,
