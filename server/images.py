@@ -114,8 +114,15 @@ class Preprocessor:
                 f"{height}*{width}*{channels} = {expected}"
             )
         arr = np.frombuffer(pixels, dtype=np.uint8).reshape(height, width, channels)
+        if self.is_direct(height, width):  # already the model's input: no Pillow round trip
+            return np.repeat(arr, 3, axis=2) if channels == 1 else arr.copy()
         img = Image.fromarray(arr[:, :, 0]) if channels == 1 else Image.fromarray(arr)
         return np.asarray(apply_resize(img.convert("RGB"), self.size, self.policy), dtype=np.uint8)
+
+    def is_direct(self, height: int, width: int) -> bool:
+        """Raw pixels of this size are the model input as they are (``resize`` to S×S is the
+        identity): a copy, cheap enough to do without a decode thread."""
+        return self.policy == "resize" and height == width == self.size
 
 
 _SIGNATURES = (

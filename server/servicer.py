@@ -306,11 +306,23 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         Without ``per_image_errors`` the first bad image (by index) fails the whole request.
         """
         loop = asyncio.get_running_loop()
-        jobs = [
-            loop.run_in_executor(self._decode_pool, self._decode_one, image, pre)
-            for image in request.images
-        ]
-        results = await asyncio.gather(*jobs, return_exceptions=True)
+        results: list[object] = [None] * len(request.images)
+        jobs, where = [], []
+        for i, image in enumerate(request.images):
+            raw = image.raw if image.WhichOneof("source") == "raw" else None
+            if raw is not None and pre.is_direct(raw.height, raw.width):
+                try:  # a copy of the pixels: not worth a thread hop (the common bulk case)
+                    results[i] = pre.from_raw(raw.pixels, raw.height, raw.width, raw.channels)
+                except ImageError as exc:
+                    results[i] = exc
+            else:
+                jobs.append(loop.run_in_executor(self._decode_pool, self._decode_one, image, pre))
+                where.append(i)
+        if jobs:
+            for i, result in zip(
+                where, await asyncio.gather(*jobs, return_exceptions=True), strict=True
+            ):
+                results[i] = result
         good: list[np.ndarray] = []
         bad: dict[int, str] = {}
         for index, result in enumerate(results):
