@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import NoReturn
 
 import grpc
@@ -92,8 +93,9 @@ class EmbeddingServer:
             options=[
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_message_bytes),
-                # Without this a second server on the same port would silently share it.
-                ("grpc.so_reuseport", 0),
+                # Without this a second server on the same port would silently share it; the
+                # workers of one --processes group share it on purpose (server.group).
+                ("grpc.so_reuseport", 1 if cfg.worker else 0),
             ],
         )
         pb_grpc.add_EmbeddingServiceServicer_to_server(self._servicer, server)
@@ -106,7 +108,7 @@ class EmbeddingServer:
         self.port = self._bind(server)
         self.grpc_server = server
         await server.start()
-        if cfg.metrics_port is not None:
+        if cfg.metrics_port is not None and cfg.worker is None:  # a group's supervisor serves it
             try:
                 self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)
             except OSError as exc:
@@ -142,9 +144,15 @@ class EmbeddingServer:
         )
         for service in ("", SERVICE_NAME):
             await self._health.set(service, _SERVING)
+        if cfg.ready_file is not None:
+            _touch_atomically(cfg.ready_file)
         log.info(
-            "SERVING on %s: model %s, providers %s, max batch %d, max delay %.1f ms, "
+            "%s on %s: model %s, providers %s, max batch %d, max delay %.1f ms, "
             "%d batch(es) in flight",
+            # One "SERVING on" line per port: a group's supervisor says it once all are ready.
+            "SERVING"
+            if cfg.worker is None
+            else f"ready (worker {cfg.worker[0]}/{cfg.worker[1]}, pid {os.getpid()})",
             _address(cfg.host, self.port),
             runtime.info.model_version,
             runtime.providers,
@@ -290,12 +298,17 @@ async def serve(cfg: ServeConfig) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    watchdog = None
+    if cfg.worker is not None:  # a group's worker drains by itself if its supervisor dies
+        watchdog = asyncio.ensure_future(_watch_parent(os.getppid(), stop_requested))
     try:
         await server.start()
     except BaseException:
         await server.stop(0, drain_delay=0)
         raise
     await stop_requested.wait()
+    if watchdog is not None:
+        watchdog.cancel()
     await server.drain()
     # Every accepted call is answered. gRPC's own stop would now answer CANCELLED to any call
     # still arriving (grpc/grpc#41785); ending the process closes the connections instead, which
@@ -304,6 +317,22 @@ async def serve(cfg: ServeConfig) -> int:
     await server.release()
     _exit_now(0)
     return 0  # not reached
+
+
+async def _watch_parent(parent: int, stop_requested: asyncio.Event) -> None:
+    """Drain when the supervisor that started this worker is gone (SIGKILL, OOM): workers run
+    in their own session, so nothing else would tell them."""
+    while not stop_requested.is_set():
+        await asyncio.sleep(0.5)
+        if os.getppid() != parent:
+            log.warning("supervisor %d is gone: draining", parent)
+            stop_requested.set()
+
+
+def _touch_atomically(path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(f"{os.getpid()}\n")
+    os.replace(tmp, path)
 
 
 def _exit_now(code: int) -> NoReturn:

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Sequence
 
 from server.config import build_parser, config_from_args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     cfg = config_from_args(parser.parse_args(argv), parser)
     logging.basicConfig(
         level=cfg.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if cfg.processes > 1:
+        from server.group import run_group
+
+        return run_group(cfg, argv)
     from server.app import serve  # after logging is set up: grpc/onnxruntime import here
 
     return asyncio.run(serve(cfg))

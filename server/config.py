@@ -41,6 +41,9 @@ class ServeConfig:
     drain_delay_s: float = DEFAULT_DRAIN_DELAY_S
     max_message_mb: int = 64
     log_level: str = "info"
+    processes: int = 1  # >1: server.group runs that many workers on the port
+    worker: tuple[int, int] | None = None  # (i, N): one worker of a group (server.group)
+    ready_file: Path | None = None
 
     @property
     def max_message_bytes(self) -> int:
@@ -153,6 +156,21 @@ def build_parser() -> argparse.ArgumentParser:
         "meanwhile new calls get UNAVAILABLE and health says NOT_SERVING, so load balancers "
         f"and clients move away first (runs alongside --grace-s) [{DEFAULT_DRAIN_DELAY_S:g}]",
     )
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="server processes sharing the port (SO_REUSEPORT), each with its own batcher and "
+        "model session; one Python process tops out at a few thousand small requests/s, below "
+        "what a GPU embeds (docs/serving.md) [1]",
+    )
+    p.add_argument(
+        "--ready-file",
+        type=Path,
+        default=None,
+        help="create this file once SERVING (all processes warm), for scripts and probes [off]",
+    )
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "i/N", set by the group
     p.add_argument("--max-message-mb", type=int, default=64, help="largest gRPC message [64]")
     p.add_argument(
         "--log-level",
@@ -181,6 +199,14 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
             parser.error(f"--{name.replace('_', '-')} must be in 0..65535, got {value}")
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
+    if args.processes < 1:
+        parser.error(f"--processes must be >= 1, got {args.processes}")
+    worker = None
+    if args.worker is not None:
+        i, _, n = args.worker.partition("/")
+        if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
+            parser.error(f"--worker must be i/N with i < N, got {args.worker!r}")
+        worker = (int(i), int(n))
     token = args.auth_token if args.auth_token is not None else os.environ.get(TOKEN_ENV)
     if token is not None and (not token or any(c.isspace() for c in token)):
         parser.error("--auth-token must be non-empty and without whitespace")
@@ -208,4 +234,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         drain_delay_s=args.drain_delay_s,
         max_message_mb=args.max_message_mb,
         log_level=args.log_level,
+        processes=1 if worker else args.processes,
+        worker=worker,
+        ready_file=args.ready_file,
     )

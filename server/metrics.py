@@ -64,7 +64,12 @@ class Metrics:
             registry=r,
         )
         self.queue_images = Gauge(
-            "simclr_queue_images", "Images waiting for a model batch", registry=r
+            "simclr_queue_images",
+            "Images waiting for a model batch",
+            registry=r,
+            # --processes N (prometheus-client multiprocess mode): the group's queue is the sum
+            # over its live workers. Ignored in a single process.
+            multiprocess_mode="livesum",
         )
         self._http = None
 
