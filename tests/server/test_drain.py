@@ -356,9 +356,11 @@ def test_clients_giving_up_are_counted_not_logged_as_errors(
     assert not errors, [r.getMessage() for r in errors]
     assert set(seen) <= {"RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}, seen
     assert seen["RESOURCE_EXHAUSTED"] > 10 and seen["DEADLINE_EXCEEDED"] > 10, (seen, counts)
-    # Counted as seen; the slack is for a deadline passing between the count and the send.
-    slack = 2 + seen["RESOURCE_EXHAUSTED"] // 50
+    # Every refusal a client saw was counted once; a counted refusal whose answer arrived after
+    # its caller's deadline was seen as DEADLINE_EXCEEDED (how many is the machine's timing).
     refused = counts["RESOURCE_EXHAUSTED"] - refused_before
-    assert abs(refused - seen["RESOURCE_EXHAUSTED"]) <= slack, (counts, seen)
-    assert counts["DEADLINE_EXCEEDED"] <= seen["DEADLINE_EXCEEDED"]  # some never got there
+    seen_refused, seen_late = seen["RESOURCE_EXHAUSTED"], seen["DEADLINE_EXCEEDED"]
+    assert seen_refused <= refused <= seen_refused + seen_late, (counts, seen)
+    assert refused + counts["DEADLINE_EXCEEDED"] <= 800, (counts, seen)  # none counted twice
+    assert counts["DEADLINE_EXCEEDED"] <= seen_late  # some never got there
     assert counts["OK"] == 1

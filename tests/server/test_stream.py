@@ -77,14 +77,22 @@ def test_a_bad_message_ends_the_stream_naming_it_after_the_good_ones(server: Ser
     assert len(got) == 2 and [e.index for e in got[1].errors] == [1]  # per-image: stream goes on
 
 
-def _gated(srv: ServerThread) -> threading.Event:
+class _Gate(threading.Event):
+    """Set to let the held model calls go; ``entered`` counts the images they hold."""
+
+    entered = 0
+
+
+def _gated(srv: ServerThread) -> _Gate:
     """Hold every model call until the returned event is set (the batcher's encode, wrapped)."""
-    gate = threading.Event()
+    gate = _Gate()
     batcher = srv.server._batcher
     assert batcher is not None
+    assert not batcher.inline  # a held call on the event loop would hold the whole server
     real = batcher._encode
 
     def held(images: np.ndarray) -> dict[str, np.ndarray]:
+        gate.entered += len(images)
         assert gate.wait(30)
         return real(images)
 
@@ -100,7 +108,9 @@ def _wait(predicate, timeout: float = 20) -> None:
 
 
 def test_backpressure_cancel_frees_the_queue(tiny_onnx: Path) -> None:
-    srv = ServerThread(serve_config(tiny_onnx, max_batch_size=8, max_queue=4096))
+    srv = ServerThread(
+        serve_config(tiny_onnx, max_batch_size=8, max_queue=4096, model_calls="threads")
+    )
     try:
         gate = _gated(srv)
         batcher = srv.server._batcher
@@ -124,7 +134,9 @@ def test_backpressure_cancel_frees_the_queue(tiny_onnx: Path) -> None:
 
 
 def test_drain_answers_what_was_read_then_ends_unavailable(tiny_onnx: Path) -> None:
-    srv = ServerThread(serve_config(tiny_onnx, max_batch_size=4, drain_delay_s=0.0))
+    srv = ServerThread(
+        serve_config(tiny_onnx, max_batch_size=4, drain_delay_s=0.0, model_calls="threads")
+    )
     try:
         gate = _gated(srv)
         stub = pb_grpc.EmbeddingServiceStub(grpc.insecure_channel(srv.target))
@@ -151,7 +163,9 @@ def test_drain_answers_what_was_read_then_ends_unavailable(tiny_onnx: Path) -> N
         pool = concurrent.futures.ThreadPoolExecutor(1)
         result = pool.submit(consume)
         assert sent.wait(10)
-        _wait(lambda: srv.server._batcher.inflight_batches > 0)
+        batcher = srv.server._batcher
+        # all three messages read by the server: held in the model or queued behind it
+        _wait(lambda: gate.entered + batcher.queued_images == 3)
         stopping = srv.call_soon(srv.server.stop(10.0))
         time.sleep(0.3)
         gate.set()  # the messages read before the drain are answered ...
