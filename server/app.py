@@ -22,11 +22,13 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import NoReturn
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from PIL import Image
@@ -47,6 +49,21 @@ _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 _SETTLE_S = 0.5  # after the last answer: time for it to leave before gRPC stops
 _QUIET_S, _QUIET_MAX_S = 0.05, 1.0  # a quiet moment with no new call, and how long to hope
+# A model call this short runs on the event loop: handing it to a thread and back costs ~0.2 ms
+# of CPU on a small VM (bench/serve_overhead.py), more than the call; only do-nothing models and
+# tiny inputs are this fast, a real ResNet is not.
+INLINE_BELOW_S = 0.2e-3
+
+
+def _full_batch_seconds(runtime: Runtime, batch: int) -> float:
+    """Median duration of a full-batch model call (after warm-up)."""
+    images = np.zeros((batch, runtime.info.image_size, runtime.info.image_size, 3), np.uint8)
+    times = []
+    for _ in range(5):
+        started = time.perf_counter()
+        runtime.encode(images)
+        times.append(time.perf_counter() - started)
+    return sorted(times)[2]
 
 
 def _address(host: str, port: int) -> str:
@@ -66,13 +83,15 @@ class EmbeddingServer:
         self.metrics_port: int | None = None
         self.runtime: Runtime | None = None
         self._batcher: DynamicBatcher | None = None
+        decode_threads = cfg.decode_threads or usable_cores()
         self._decode_pool = concurrent.futures.ThreadPoolExecutor(
-            cfg.decode_threads or usable_cores(), thread_name_prefix="simclr-decode"
+            decode_threads, thread_name_prefix="simclr-decode"
         )
         self._servicer = EmbeddingServicer(
             metrics=self.metrics,
             decode_pool=self._decode_pool,
             max_request_images=cfg.max_request_images,
+            decode_workers=decode_threads,
         )
         self._health = health.aio.HealthServicer()
         self.grpc_server: grpc.aio.Server | None = None
@@ -127,6 +146,16 @@ class EmbeddingServer:
             Image.MAX_IMAGE_PIXELS = cfg.max_pixels
         loop = asyncio.get_running_loop()
         self.runtime = runtime = await loop.run_in_executor(None, self._load_model)
+        call_s = await loop.run_in_executor(None, _full_batch_seconds, runtime, cfg.max_batch_size)
+        inline = cfg.model_calls == "loop" or (
+            cfg.model_calls == "auto" and call_s < INLINE_BELOW_S
+        )
+        log.info(
+            "a full batch (%d) takes %.2f ms: model calls run %s",
+            cfg.max_batch_size,
+            1e3 * call_s,
+            "on the event loop" if inline else "in their own threads",
+        )
         inflight = self.max_inflight
         self._batcher = DynamicBatcher(
             runtime.encode,
@@ -136,6 +165,7 @@ class EmbeddingServer:
             max_inflight=inflight,
             observer=self.metrics,
             policy=cfg.batching,
+            inline=inline,
         )
         self._batcher.start()
         preprocessor = Preprocessor(runtime.info.image_size, runtime.info.resize, cfg.max_pixels)

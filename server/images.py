@@ -8,7 +8,9 @@ can be bad ends in :class:`ImageError` with a reason; the servicer adds the imag
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -31,6 +33,15 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
 class ImageError(ValueError):
     """A request image that cannot be used; ``str(exc)`` is the reason (no index)."""
+
+
+class RawPixels(Protocol):
+    """What :meth:`Preprocessor.raw_batch` reads (``simclr.v1.RawImage`` has it)."""
+
+    pixels: bytes
+    height: int
+    width: int
+    channels: int
 
 
 @dataclass(frozen=True)
@@ -118,6 +129,20 @@ class Preprocessor:
             return np.repeat(arr, 3, axis=2) if channels == 1 else arr.copy()
         img = Image.fromarray(arr[:, :, 0]) if channels == 1 else Image.fromarray(arr)
         return np.asarray(apply_resize(img.convert("RGB"), self.size, self.policy), dtype=np.uint8)
+
+    def raw_batch(self, raws: Sequence[RawPixels]) -> np.ndarray | None:
+        """``[n, S, S, 3]`` of raw RGB images that are all exactly the model's input, as one
+        copy of their pixels; None when any is not (the per-image path says which and why)."""
+        size, n = self.size, len(raws)
+        length = size * size * 3
+        if self.policy != "resize" or not all(
+            r.height == size and r.width == size and r.channels == 3 and len(r.pixels) == length
+            for r in raws
+        ):
+            return None
+        pixels = raws[0].pixels if n == 1 else b"".join(r.pixels for r in raws)
+        # One image: a read-only view of the request's bytes; nothing downstream writes to it.
+        return np.frombuffer(pixels, dtype=np.uint8).reshape(n, size, size, 3)
 
     def is_direct(self, height: int, width: int) -> bool:
         """Raw pixels of this size are the model input as they are (``resize`` to S×S is the

@@ -42,8 +42,8 @@ class Metrics:
             ["code"],
             registry=r,
         )
-        for code in KNOWN_CODES:
-            self.requests.labels(code=code)
+        # The labelled children, looked up once (labels() takes a lock and builds a key).
+        self._by_code = {code: self.requests.labels(code=code) for code in KNOWN_CODES}
         self.images = Counter("simclr_images_total", "Images embedded (answered OK)", registry=r)
         self.batch_size = Histogram(
             "simclr_batch_size", "Images per model call", buckets=_BATCH, registry=r
@@ -89,7 +89,8 @@ class Metrics:
     # -- servicer --------------------------------------------------------------------------------
 
     def request_done(self, code: str, images: int) -> None:
-        self.requests.labels(code=code).inc()
+        child = self._by_code.get(code)
+        (child or self.requests.labels(code=code)).inc()
         if code == "OK":
             self.images.inc(images)
 

@@ -31,6 +31,7 @@ from server.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc
 from server.rpc import RpcFailure, abort, caller_gone, gone_code
 from server.runtime import ModelInfo, select_output
 from server.streaming import stream_responses
+from server.wire import embeddings_wire
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +69,11 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         metrics: Metrics,
         decode_pool: concurrent.futures.Executor,
         max_request_images: int,
+        decode_workers: int = 1,
     ) -> None:
         self._metrics = metrics
         self._decode_pool = decode_pool
+        self._decode_workers = max(1, decode_workers)  # the pool's threads
         self._max_request_images = max_request_images
         self._backend: Backend | None = None
         self._accepting = False
@@ -286,16 +289,15 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             errors=[pb.ImageError(index=i, reason=reason) for i, reason in sorted(bad.items())],
             timings=timings,
         )
-        if request.packed:  # [n, D] little-endian float32, zeros for the bad images
+        if request.packed and not bad:  # [n, D] little-endian float32
+            response.packed_embeddings = vectors.astype("<f4", copy=False).tobytes()
+        elif request.packed:  # zeros for the bad images
             matrix = np.zeros((n, vectors.shape[1]), "<f4")
             good = [i for i in range(n) if i not in bad]
             matrix[good] = vectors
             response.packed_embeddings = matrix.tobytes()
-        else:
-            rows = iter(vectors.tolist())
-            response.embeddings.extend(
-                pb.Embedding() if i in bad else pb.Embedding(values=next(rows)) for i in range(n)
-            )
+        else:  # repeated Embedding, laid out as wire bytes (server.wire: ~40x cheaper)
+            response.MergeFromString(embeddings_wire(vectors, n, bad))
         return response
 
     async def _decode(
@@ -305,26 +307,43 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 
         Without ``per_image_errors`` the first bad image (by index) fails the whole request.
         """
+        images = request.images
+        if all(image.HasField("raw") for image in images):  # the bulk case: no decode at all
+            started = time.perf_counter()
+            batch = pre.raw_batch([image.raw for image in images])
+            if batch is not None:
+                share = (time.perf_counter() - started) / len(images)
+                for _ in images:  # simclr_decode_seconds counts images, whatever their path
+                    self._metrics.decode_seconds.observe(share)
+                return batch, {}
         loop = asyncio.get_running_loop()
-        results: list[object] = [None] * len(request.images)
-        jobs, where = [], []
-        for i, image in enumerate(request.images):
+        results: list[object] = [None] * len(images)
+        pending: list[int] = []
+        for i, image in enumerate(images):
             raw = image.raw if image.WhichOneof("source") == "raw" else None
             if raw is not None and pre.is_direct(raw.height, raw.width):
                 started = time.perf_counter()
-                try:  # a copy of the pixels: not worth a thread hop (the common bulk case)
+                try:  # a copy of the pixels: not worth a thread hop
                     results[i] = pre.from_raw(raw.pixels, raw.height, raw.width, raw.channels)
                 except ImageError as exc:
                     results[i] = exc
                 self._metrics.decode_seconds.observe(time.perf_counter() - started)
             else:
-                jobs.append(loop.run_in_executor(self._decode_pool, self._decode_one, image, pre))
-                where.append(i)
-        if jobs:
-            for i, result in zip(
-                where, await asyncio.gather(*jobs, return_exceptions=True), strict=True
-            ):
-                results[i] = result
+                pending.append(i)
+        if pending:
+            # One job per decode thread, not per image: a hop to a thread and back costs about
+            # as much CPU as decoding a small JPEG (bench/serve_overhead.py).
+            k = min(len(pending), self._decode_workers)
+            chunks = [pending[j::k] for j in range(k)]
+            jobs = [
+                loop.run_in_executor(
+                    self._decode_pool, self._decode_many, [images[i] for i in chunk], pre
+                )
+                for chunk in chunks
+            ]
+            for chunk, decoded in zip(chunks, await asyncio.gather(*jobs), strict=True):
+                for i, result in zip(chunk, decoded, strict=True):
+                    results[i] = result
         good: list[np.ndarray] = []
         bad: dict[int, str] = {}
         for index, result in enumerate(results):
@@ -340,8 +359,19 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         stacked = np.stack(good) if good else np.zeros((0, size, size, 3), np.uint8)
         return stacked, bad
 
+    def _decode_many(self, images: list[pb.Image], pre: Preprocessor) -> list[object]:
+        """Runs in a decode thread: each image's array, or its :class:`ImageError` (or another
+        exception, re-raised on the loop)."""
+        out: list[object] = []
+        for image in images:
+            try:
+                out.append(self._decode_one(image, pre))
+            except Exception as exc:
+                out.append(exc)
+        return out
+
     def _decode_one(self, image: pb.Image, pre: Preprocessor) -> np.ndarray:
-        """Runs in a decode thread."""
+        """One image; in a decode thread."""
         started = time.perf_counter()
         try:
             source = image.WhichOneof("source")

@@ -132,6 +132,55 @@ def test_continuous_an_idle_model_takes_a_lone_request_at_once() -> None:
     run(main())
 
 
+def test_continuous_calls_arriving_turn_after_turn_go_together() -> None:
+    """Back-to-back arrivals (the loop itself busy with calls) share a batch on an idle model:
+    it goes once a turn of the loop brings nobody new, not one model call per request."""
+
+    async def main() -> None:
+        rt = FakeRuntime()
+        b = await started(rt, max_batch_size=8, max_delay_s=LONG)
+        futures: list[asyncio.Future[dict[str, np.ndarray]]] = []
+
+        def arrive(i: int) -> None:  # one request per loop turn, as a busy gRPC loop hands them
+            futures.append(asyncio.ensure_future(b.submit(images(i))))
+            if i < 5:
+                asyncio.get_running_loop().call_soon(arrive, i + 1)
+
+        arrive(1)
+        while len(futures) < 5:
+            await asyncio.sleep(0)
+        for i, fut in enumerate(futures, start=1):
+            assert_outputs(await fut, i)
+        assert rt.batches == [[1, 2, 3, 4, 5]]
+        await b.stop()
+
+    run(main())
+
+
+def test_inline_model_runs_on_the_loop_and_keeps_every_guarantee() -> None:
+    """``inline``: no thread; an idle model is called inside submit; splitting, order and
+    failures work as with threads."""
+
+    async def main() -> None:
+        rt = FakeRuntime()
+        b = await started(rt, max_batch_size=4, max_delay_s=LONG, inline=True)
+        assert_outputs(await b.submit(images(1)), 1)  # called at once, inside submit
+        assert rt.batches == [[1]]
+        got = await asyncio.gather(b.submit(images(*range(10, 16))), b.submit(images(2)))
+        assert_outputs(got[0], *range(10, 16))  # 6 > 4: split by the collector, in order
+        assert_outputs(got[1], 2)
+        with pytest.raises(RuntimeError, match="fake runtime failure"):
+            await b.submit(images(BAD))
+        assert_outputs(await b.submit(images(3)), 3)  # the failure was its own
+        assert rt.threads == {threading.current_thread().name}
+        assert sorted(i for batch in rt.batches for i in batch) == sorted(
+            [1, *range(10, 16), 2, BAD, 3]
+        )
+        await b.stop()
+
+    run(main())
+
+
 def test_continuous_the_next_batch_fills_while_the_model_is_busy() -> None:
     """With a batch in the model, requests accumulate (a free second slot waits beside it) and
     leave together the moment the model is idle again."""

@@ -17,7 +17,7 @@ from PIL import Image
 from server.client import EmbeddingClient
 from server.pb.simclr.v1 import embedding_pb2 as pb
 from server.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc
-from tests.server.conftest import ServerThread, encode, photo, reference
+from tests.server.conftest import ServerThread, encode, photo, reference, serve_config
 
 S = 32  # the tiny model's input size; its resize policy is a plain bicubic resize to S×S
 
@@ -178,3 +178,32 @@ def test_health_and_reflection(server: ServerThread) -> None:
         )
     )
     assert answers[0].file_descriptor_response.file_descriptor_proto
+
+
+def test_model_calls_on_the_loop_answer_the_same(
+    tiny_onnx: Path, reference_session: ort.InferenceSession
+) -> None:
+    """``--model-calls loop`` (what auto picks for do-nothing models): no thread hop, the same
+    vectors under concurrent callers, and the server stays responsive."""
+    srv = ServerThread(serve_config(tiny_onnx, model_calls="loop"))
+    try:
+        assert srv.server._batcher is not None and srv.server._batcher.inline
+        images = np.stack([np.asarray(photo(S, S, seed=40 + i)) for i in range(12)])
+        want = reference(reference_session, images)["features"]
+        got: dict[int, np.ndarray] = {}
+        with EmbeddingClient(srv.target) as client:
+
+            def worker(k: int) -> None:
+                got[k] = client.embed(list(images[k * 3 : k * 3 + 3]))
+
+            threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            big = client.embed(list(np.concatenate([images] * 4)))  # 48 > 32: split
+        for k in range(4):
+            np.testing.assert_allclose(got[k], want[k * 3 : k * 3 + 3], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(big, np.concatenate([want] * 4), rtol=1e-5, atol=1e-5)
+    finally:
+        srv.close()
