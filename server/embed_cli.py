@@ -169,32 +169,58 @@ def parse_config(argv: Sequence[str] | None) -> EmbedConfig:
 
 
 def _engine(cfg: EmbedConfig) -> OfflineEmbedder | _Remote:
-    if cfg.model is not None:
+    return open_engine(
+        cfg.target,
+        cfg.model,
+        device=cfg.device,
+        batch=cfg.batch,
+        decode_threads=cfg.decode_threads,
+        max_pixels=cfg.max_pixels,
+        token=cfg.token,
+        tls=cfg.tls,
+        timeout=cfg.timeout,
+        resend=cfg.resend,
+        wait_s=cfg.wait_s,
+        concurrency=cfg.concurrency,
+        stream=cfg.stream,
+    )
+
+
+def open_engine(
+    target: str | None,
+    model: Path | None,
+    *,
+    device: str = "auto",
+    batch: int = 64,
+    decode_threads: int = 0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    token: str | None = None,
+    tls: bool | Path = False,
+    timeout: float = 300.0,
+    resend: int = 8,
+    wait_s: float = 60.0,
+    concurrency: int = 2,
+    stream: bool = True,
+) -> OfflineEmbedder | _Remote:
+    """What embeds files: ``model`` in this process, else the server(s) at ``target`` (waited
+    for up to ``wait_s``). Both offer ``model_info()``, ``embed_iter(...)`` and ``close()``."""
+    if model is not None:
         from server.offline import OfflineEmbedder
 
         return OfflineEmbedder(
-            cfg.model,
-            device=cfg.device,
-            batch=cfg.batch,
-            decode_threads=cfg.decode_threads,
-            max_pixels=cfg.max_pixels,
+            model, device=device, batch=batch, decode_threads=decode_threads, max_pixels=max_pixels
         )
     from server.client import EmbeddingClient
 
     client = EmbeddingClient(
-        cfg.target or "",
-        cfg.token,
-        tls=cfg.tls,
-        timeout=cfg.timeout,
-        max_batch=cfg.batch,
-        resend=cfg.resend,
+        target or "", token, tls=tls, timeout=timeout, max_batch=batch, resend=resend
     )
     try:
-        client.wait_until_serving(timeout=cfg.wait_s)
+        client.wait_until_serving(timeout=wait_s)
     except TimeoutError:
         client.close()
-        raise SimclrError(f"{cfg.target}: no SERVING server after {cfg.wait_s:g} s") from None
-    return _Remote(client, cfg.concurrency, cfg.stream)
+        raise SimclrError(f"{target}: no SERVING server after {wait_s:g} s") from None
+    return _Remote(client, concurrency, stream)
 
 
 class _Remote:

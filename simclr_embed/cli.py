@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("server.cli", "serve an ONNX model over gRPC with dynamic batching"),
     "embed": ("server.embed_cli", "embed image files/folders through a running server"),
     "evaluate": ("evaluation.cli", "kNN + linear probe of frozen features on labeled folders"),
+    "neighbors": ("neighbors.cli", "nearest neighbours and near-duplicates of embedded images"),
 }
 
 

@@ -9,7 +9,9 @@
 4. for each model: ``simclr serve`` on a free loopback port, wait for health SERVING, ``simclr
    embed`` every image → ``OUT/embeddings/*.npy``, measure served images/s, SIGTERM (exit 0);
 5. report: images/s, embedding dimension, kNN label agreement trained vs untrained (labeled data
-   only: ``DIR/<class>/...``; labels are never shown to training).
+   only: ``DIR/<class>/...``; labels are never shown to training);
+6. ``simclr neighbors --png`` on both embeddings → ``OUT/neighbors.png``: the same images with
+   their nearest neighbours, trained model left, untrained right.
 
 Every stage runs as its real CLI in a subprocess, exactly as a user would type it (the commands
 are printed). A rerun overwrites ``OUT``. Servers are stopped in ``finally`` even when a step fails.
@@ -24,6 +26,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from PIL import Image
 
 from simclr_embed.demo_steps import (
     cpu_training_plan,
@@ -107,8 +111,34 @@ def prepare_out(out: Path, data: Path | None) -> None:
     (out / MARKER).write_text("made by python -m simclr_embed.demo; deleted on rerun\n")
 
 
+def draw_neighbors(runs: dict[str, dict], out: Path, k: int) -> Path | None:
+    """``simclr neighbors --png`` for each model's embeddings (the same sampled images), then
+    both sheets side by side in ``OUT/neighbors.png``: what each model calls similar."""
+    try:
+        import faiss  # noqa: F401  (the neighbors extra)
+    except ImportError:
+        print("\nskipping neighbors.png: FAISS is not installed (simclr-embed[neighbors])")
+        return None
+    from neighbors.sheet import save_png, side_by_side
+
+    sheets = []
+    for name in ("trained", "untrained"):
+        png = out / "neighbors" / f"{name}.png"
+        run_simclr("neighbors", "--embeddings", runs[name]["embeddings"], "--k", str(k),
+                   "--png", str(png), "--png-rows", "6", "--output", str(out / "neighbors" / name))  # fmt: skip
+        sheets.append(Image.open(png))
+    titles = ["trained: each row's image, then its nearest neighbours (cosine)", "untrained (step 0)"]  # fmt: skip
+    save_png(side_by_side(sheets, titles), out / "neighbors.png")
+    return out / "neighbors.png"
+
+
 def format_report(
-    cfg: DemoConfig, data: Path, train: dict, runs: dict[str, dict], wall_s: float
+    cfg: DemoConfig,
+    data: Path,
+    train: dict,
+    runs: dict[str, dict],
+    wall_s: float,
+    sheet: Path | None = None,
 ) -> str:
     t, u = runs["trained"], runs["untrained"]
     lines = [
@@ -142,6 +172,7 @@ def format_report(
         f"  TensorBoard   {cfg.out / 'train' / 'tb'}",
         f"  ONNX          {t['model']}   (untrained: {u['model']})",
         f"  embeddings    {t['embeddings']} (+ .paths.txt)   (untrained: {u['embeddings']})",
+        f"  neighbours    {sheet or 'skipped (no FAISS)'}   (trained left, untrained right)",
         f"  server logs   {cfg.out / 'logs'}",
         f"  report        {cfg.out / 'report.json'}",
         f"wall time       {wall_s:.0f} s",
@@ -225,16 +256,18 @@ def run_demo(cfg: DemoConfig) -> dict:
         "trained": serve_and_embed("trained", model, data, out, **serve),
         "untrained": serve_and_embed("untrained", untrained, data, out, **serve),
     }
+    sheet = draw_neighbors(runs, out, cfg.k)
     wall = time.perf_counter() - t_start
     report = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "data": str(data),
         "train": train,
         "runs": runs,
+        "neighbors_png": str(sheet) if sheet else None,
         "wall_s": wall,
     }
     atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
-    print(format_report(cfg, data, train, runs, wall), flush=True)
+    print(format_report(cfg, data, train, runs, wall, sheet), flush=True)
     return report
 
 

@@ -42,6 +42,14 @@ def test_demo_end_to_end(tmp_path: Path, capsys) -> None:
         assert run["knn"]["classes"] == 8 and run["knn"]["queries"] == 8
         assert 0.0 <= run["knn"]["top1"] <= 1.0
     assert report["runs"]["trained"]["version"] != report["runs"]["untrained"]["version"]
+    from PIL import Image
+
+    from neighbors.sheet import PAD, TITLE, sheet_size
+
+    width, height = sheet_size(6, 3 + 1)  # 6 sampled images, each with its k = 3 neighbours
+    with Image.open(report["neighbors_png"]) as sheet:  # trained and untrained side by side
+        assert sheet.size == (2 * width + PAD, TITLE + height)
+    assert "neighbors.png" in printed
 
     # The served vectors are the model's own: compare with a direct ONNX Runtime run.
     vectors = np.load(out / "embeddings" / "trained.npy")
