@@ -68,6 +68,12 @@ def _parse_evaluate(argv: list[str]) -> None:
     parse_config(argv)
 
 
+def _parse_neighbors(argv: list[str]) -> None:
+    from neighbors.cli import parse_config
+
+    parse_config(argv)
+
+
 def _parse_demo(argv: list[str]) -> None:
     from simclr_embed.demo import get_args_parser
 
@@ -86,12 +92,14 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], None]] = {
     "serve": _parse_serve,
     "embed": _parse_embed,
     "evaluate": _parse_evaluate,
+    "neighbors": _parse_neighbors,
 }
 MODULES: dict[str, Callable[[list[str]], None]] = {
     "training": _parse_train,
     "export": _parse_export,
     "server": _parse_serve,
     "evaluation": _parse_evaluate,
+    "neighbors": _parse_neighbors,
     "simclr_embed.demo": _parse_demo,
     "simclr_embed.sample_data": _parse_sample_data,
 }

@@ -110,9 +110,9 @@ def _planted(variants: tuple[str, ...]) -> list[list[str]]:
 @pytest.mark.parametrize(
     ("threshold", "variants"),
     [
-        # The default (set from a trained model on real photos, bench/neighbors.py): the tiny
-        # *untrained* test model keeps re-encodings, resizes and PNG copies at cosine >= 0.98,
-        # but its 5 %-crop copies fall to 0.87-0.93, so at the default they stay out.
+        # The default 0.98 (set from a trained model on real photos, bench/neighbors.py): the
+        # tiny *untrained* test model keeps re-encodings, resizes and PNG copies at cosine
+        # >= 0.988, but its 5 %-crop copies fall to 0.87-0.93, so at the default they stay out.
         (None, ("q50.jpg", "half.png", "copy.png")),
         # Below its crop similarity and above its most similar distinct pair (0.73): all four.
         ("0.85", VARIANTS),
