@@ -9,7 +9,7 @@ normalized float views with the paper's recipe, every image with its own random 
     grayscale (p 0.2 by default); Gaussian blur (p 0.5, σ ∈ U[0.1, 2], kernel ≈ 10 % of S;
         off at ≤ 64 px); then scale to [0, 1] and normalize with the training mean/std.
 
-Each op is torchvision's formula on float images (``torchvision.transforms.v2.functional``:
+Each op is torchvision's formula on float images (hue: its HSV → RGB in closed form) (``torchvision.transforms.v2.functional``:
 ``adjust_brightness/contrast/saturation/hue``, ``rgb_to_grayscale``, ``gaussian_blur`` with
 reflect padding); tests compare them image by image. The workers' CPU path applies the same ops
 to uint8 images, rounding after each, so the two differ by ≤ a few 1/255 per pixel.
@@ -97,20 +97,17 @@ def adjust_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
     hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
     h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
-    h = torch.remainder(h + f.view(-1, 1, 1), 1.0)
-    v = maxc
-    i = torch.floor(h * 6.0)
-    frac = h * 6.0 - i
-    i = i.to(torch.int32) % 6
-    p = (v * (1.0 - s)).clamp_(0.0, 1.0)
-    q = (v * (1.0 - s * frac)).clamp_(0.0, 1.0)
-    t = (v * (1.0 - s * (1.0 - frac))).clamp_(0.0, 1.0)
-    mask = i.unsqueeze(1) == torch.arange(6, device=x.device).view(1, -1, 1, 1)  # [n, 6, H, W]
-    a1 = torch.stack((v, q, p, p, t, v), dim=1)
-    a2 = torch.stack((t, v, v, q, p, p), dim=1)
-    a3 = torch.stack((p, p, t, v, v, q), dim=1)
-    a4 = torch.stack((a1, a2, a3), dim=1)  # [n, 3, 6, H, W]
-    return torch.einsum("nihw,ncihw->nchw", mask.to(x.dtype), a4)
+    # HSV → RGB in closed form: channel c = v - v·s·clamp(min(k, 4 - k), 0, 1) with
+    # k = (n_c + 6h) mod 6, n = 5, 3, 1 for R, G, B — the same values as torchvision's six-case
+    # table (≤ 2e-6, tested) without building the [n, 3, 6, H, W] stack it selects from: ~3×
+    # faster on the CPU.
+    h6 = torch.remainder(h + f.view(-1, 1, 1), 1.0) * 6.0  # [n, H, W]
+    vs = maxc * s
+    out = []
+    for n in (5.0, 3.0, 1.0):
+        k = torch.remainder(h6 + n, 6.0)
+        out.append(maxc - vs * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0))
+    return torch.stack(out, dim=1)
 
 
 OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
