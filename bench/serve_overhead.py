@@ -286,6 +286,7 @@ def main() -> int:
     p.add_argument("--clients", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--processes", type=int, nargs="+", default=[1])
     p.add_argument("--rounds", type=int, default=5, help="alternations for the goal row [5]")
+    p.add_argument("--goal-only", action="store_true", help="the goal row only, then stop")
     p.add_argument("--echo-server", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--work", type=Path, default=REPO / "runs" / "bench-overhead")
     args = p.parse_args()
@@ -314,6 +315,8 @@ def main() -> int:
         targets = {name: target for name, (_, target) in servers.items()}
         for row in goal_rounds(echo_target, targets, args.seconds, args.rounds):
             print(row, flush=True)
+        if args.goal_only:
+            return 0
         print()
         print(
             "| server | request | clients | req/s | img/s | p50 ms | server CPU µs/img | vs echo |"
