@@ -124,7 +124,7 @@ def draw_neighbors(runs: dict[str, dict], out: Path, k: int) -> Path | None:
     sheets = []
     for name in ("trained", "untrained"):
         png = out / "neighbors" / f"{name}.png"
-        run_simclr("neighbors", "--embeddings", runs[name]["embeddings"], "--k", str(k),
+        run_simclr("neighbors", "--embeddings", runs[name]["embeddings"], "--k", str(min(k, 8)),
                    "--png", str(png), "--png-rows", "6", "--output", str(out / "neighbors" / name))  # fmt: skip
         sheets.append(Image.open(png))
     titles = ["trained: each row's image, then its nearest neighbours (cosine)", "untrained (step 0)"]  # fmt: skip
