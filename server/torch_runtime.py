@@ -144,7 +144,9 @@ class TorchRuntime:
         """uint8 ``[N, S, S, 3]`` → float32 ``{"features": [N, F], "projection": [N, P]}``."""
         n = len(images)
         batch = pad_to_bucket(images, self.buckets) if self.buckets else images
-        x = torch.from_numpy(np.ascontiguousarray(batch))  # [B, S, S, 3] uint8, shares memory
+        # [B, S, S, 3] uint8, shares memory; a read-only view (one raw image straight from the
+        # request bytes) is copied, since torch tensors cannot be read-only
+        x = torch.from_numpy(np.require(batch, requirements=["C", "W"]))
         with torch.inference_mode():
             if not self.on_gpu:
                 with self._autocast():
