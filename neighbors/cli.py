@@ -32,11 +32,12 @@ from neighbors.search import (
     build_index,
     choose_index,
     duplicate_groups,
-    nearest,
+    nearest_in,
     normalized,
     search,
 )
 from neighbors.sheet import Cell, draw_sheet, save_png
+from server.config import TOKEN_ENV
 from simclr_embed.errors import SimclrError
 from simclr_embed.fileio import atomic_path, atomic_write_text
 
@@ -45,7 +46,6 @@ from simclr_embed.fileio import atomic_path, atomic_write_text
 # still found (bench/neighbors.py, docs/benchmarks.md "Neighbours"). Precision first: a false
 # merge hides a distinct image, and the nearest *other* picture only gets closer as N grows.
 DEFAULT_DUPLICATE = 0.98
-TOKEN_ENV = "SIMCLR_AUTH_TOKEN"  # server.config.TOKEN_ENV (not imported: no grpc needed here)
 
 
 @dataclass(frozen=True)
@@ -219,15 +219,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg.output.mkdir(parents=True, exist_ok=True)
     sheet_rows: list[list[Cell]] = []
     found: Neighbors | None = None
+    unit = normalized(coll.vectors)  # [N, D]: one copy and one index serve every search below
+    index = build_index(unit, index_kind)
     if not cfg.queries or cfg.duplicates is not None:
-        found = nearest(coll.vectors, cfg.k, index=index_kind)
+        found = nearest_in(index, unit, cfg.k)
         if not cfg.queries:
             write_table(cfg.output / "neighbors.parquet", paths, found, paths)
             picks = np.unique(np.linspace(0, n - 1, min(cfg.png_rows, n)).round().astype(int))
             sub = Neighbors(found.indices[picks], found.similarities[picks])
             sheet_rows += _rows([paths[i] for i in picks], sub, paths, lambda p: Path(p).stem)
     if cfg.queries:
-        index = build_index(normalized(coll.vectors), index_kind)
         matches = search(index, normalized(query_vectors), cfg.k)
         write_table(cfg.output / "queries.parquet", query_names, matches, paths)
         for name, idx, sims in zip(query_names, matches.indices, matches.similarities, strict=True):

@@ -129,11 +129,18 @@ def nearest(
     vectors: np.ndarray, k: int = 10, *, index: str = "auto", progress: Progress | None = None
 ) -> Neighbors:
     """Every row's ``k`` nearest *other* rows ``[N, k]`` (cosine), nearest first."""
-    n = len(vectors)
+    unit = normalized(vectors)
+    return nearest_in(build_index(unit, index), unit, k, progress=progress)
+
+
+def nearest_in(
+    index: Any, unit: np.ndarray, k: int, *, progress: Progress | None = None
+) -> Neighbors:
+    """``nearest`` over an index already built on the unit rows ``unit`` ``[N, D]``."""
+    n = len(unit)
     if not 1 <= k < n:
         raise SimclrError(f"--k {k} needs at least {k + 1} images; the collection has {n}")
-    unit = normalized(vectors)
-    found = search(build_index(unit, index), unit, k + 1, progress=progress)
+    found = search(index, unit, k + 1, progress=progress)
     # Drop each row itself: where it is among its k + 1 answers take the other k, else (an
     # exact copy can outrank it on a tie) the first k.
     own = found.indices == np.arange(n)[:, None]
@@ -163,7 +170,7 @@ def duplicate_groups(vectors: np.ndarray, found: Neighbors, threshold: float) ->
         return []
     touched = np.unique(np.concatenate([src, found.indices[src, col]]))
     roots = np.array([root(int(a)) for a in touched])
-    unit = normalized(vectors[touched]) if len(touched) else np.zeros((0, 1), np.float32)
+    unit = normalized(vectors[touched])
     groups: list[Group] = []
     for r in np.unique(roots):
         members = touched[roots == r]  # ascending: the first is the root
