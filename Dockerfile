@@ -5,10 +5,10 @@
 #            docker build --target serve -t simclr-embed:serve .
 #            docker run --gpus all -p 50051:50051 -v "$PWD/runs/demo:/models:ro" \
 #                simclr-embed:serve --model /models/model.onnx --host 0.0.0.0
-#   train  torch with CUDA, for `simclr train` / `torchrun -m training` and `simclr export-onnx`.
+#   train  torch with CUDA, for `simclr train` / `torchrun -m simclr_embed.training` and `simclr export-onnx`.
 #            docker build --target train -t simclr-embed:train .
 #            docker run --gpus all --ipc=host -v /data:/data:ro -v "$PWD/runs:/runs" \
-#                simclr-embed:train torchrun --nproc-per-node 8 -m training --data /data --out /runs/r50
+#                simclr-embed:train torchrun --nproc-per-node 8 -m simclr_embed.training --data /data --out /runs/r50
 #
 # onnxruntime-gpu >= 1.2x and the current torch wheels are built against CUDA 13 + cuDNN 9
 # (NVIDIA driver >= 580). For an older driver, build with a CUDA 12 base and matching pins:
@@ -40,7 +40,6 @@ ARG ORT_PIN=""
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY simclr_embed/ simclr_embed/
-COPY server/ server/
 COPY proto/ proto/
 # The serve extra pulls grpcio, onnxruntime-gpu, Pillow, numpy, prometheus-client: never torch.
 # hadolint ignore=DL3013
@@ -86,10 +85,6 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY simclr_embed/ simclr_embed/
-COPY training/ training/
-COPY export/ export/
-COPY evaluation/ evaluation/
-COPY server/ server/
 COPY proto/ proto/
 COPY configs/ configs/
 # A different torch build (e.g. for another CUDA version) comes from PIP_EXTRA_INDEX_URL:

@@ -75,7 +75,7 @@ gpu-wheels: $(STAMP)
 
 # Regenerate the committed gRPC stubs from proto/ (tests check they are current).
 proto: $(STAMP)
-	$(PY) -m server.pb.generate
+	$(PY) -m simclr_embed.pb.generate
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

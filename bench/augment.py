@@ -8,8 +8,8 @@ and kornia, and training speed with both paths — side by side in one run.
     JPEGs of 500×375 (ImageNet-like) and 4000×3000 (phone photos): today's path (workers do
     everything) vs --augment-on device (workers decode and crop only); and the split of one
     view: decode (with JPEG draft scaling, and without) / crop+resize / appearance.
-(b) the appearance stage on a [256, 3, 224, 224] uint8 CPU batch: training.device_augment
-    (vectorized, per-image parameters) vs training.augment.apply_per_sample (a Python loop of
+(b) the appearance stage on a [256, 3, 224, 224] uint8 CPU batch: simclr_embed.training.device_augment
+    (vectorized, per-image parameters) vs simclr_embed.training.augment.apply_per_sample (a Python loop of
     torchvision transforms) vs kornia.augmentation (per-image factors, one op order per batch).
 (c) `simclr train` images/s, resnet18 @ 32 px on the CPU, --augment-on workers vs device,
     alternating rounds of --train-steps steps.
@@ -38,9 +38,9 @@ sys.path.insert(0, str(REPO / "bench"))
 from gpu_steps import _write_photo  # noqa: E402
 
 from simclr_embed.imageio import open_image  # noqa: E402
-from training.augment import SimCLRAugment, apply_per_sample  # noqa: E402
-from training.data import UnlabeledImages  # noqa: E402
-from training.device_augment import DeviceAppearance, step_generator  # noqa: E402
+from simclr_embed.training.augment import SimCLRAugment, apply_per_sample  # noqa: E402
+from simclr_embed.training.data import UnlabeledImages  # noqa: E402
+from simclr_embed.training.device_augment import DeviceAppearance, step_generator  # noqa: E402
 
 
 def cpu_ms(fn: Callable[[int], object], n: int) -> float:
@@ -126,7 +126,7 @@ def part_b(batch: int, rounds: int) -> list[str]:
 def part_c(work: Path, steps: int, rounds: int) -> list[str]:
     data = work / "c-data"
     if not data.exists():
-        subprocess.run([sys.executable, "-m", "simclr_embed.sample_data", str(data), "--per-class", "64", "--size", "48"], check=True, cwd=REPO, capture_output=True)  # fmt: skip
+        subprocess.run([sys.executable, "-m", "simclr_embed.demo.sample_data", str(data), "--per-class", "64", "--size", "48"], check=True, cwd=REPO, capture_output=True)  # fmt: skip
     rates: dict[str, list[float]] = {"workers": [], "device": []}
     waits: dict[str, list[float]] = {"workers": [], "device": []}
     for r in range(rounds):

@@ -7,11 +7,11 @@ beside a tight in-process loop, in one run; and the client's peak memory at 2k v
 What runs (127.0.0.1 only; bounded by the image counts):
   loop     a tight in-process loop: decode + preprocess (the server's Preprocessor, a thread per
            core) then session.run, --batch images at a time: the reference.
-  offline  server.bulk.run_job with server.offline.OfflineEmbedder — what `simclr embed --model`
+  offline  simclr_embed.embed.job.run_job with simclr_embed.embed.offline.OfflineEmbedder — what `simclr embed --model`
            runs — into an .npy (written as it goes, as always).
-  server   the same job through `python -m server` (its own process) with the client engine of
+  server   the same job through `python -m simclr_embed.server` (its own process) with the client engine of
            `simclr embed --target` (per-image errors, --concurrency requests in flight).
-  ray      server.ray_embed.run_ray on a local Ray already started (its start-up not counted).
+  ray      simclr_embed.embed.ray_job.run_ray on a local Ray already started (its start-up not counted).
   memory   `simclr embed` as a child process over 2,000 and 20,000 small images (the same folder
            listed 10 times): peak RSS of the child (ru_maxrss), offline and through the server.
 Phases take turns for --rounds rounds; images/s are medians. Goals (issue 12): offline >= 0.9 x
@@ -51,8 +51,8 @@ def make_jpegs(folder: Path, n: int, width: int, height: int) -> list[Path]:
 
 
 def tight_loop(model: Path, paths: list[Path], batch: int) -> float:
-    from server.images import Preprocessor
-    from server.runtime import OnnxRuntime, usable_cores
+    from simclr_embed.inference.images import Preprocessor
+    from simclr_embed.inference.runtime import OnnxRuntime, usable_cores
 
     runtime = OnnxRuntime(model, device="cpu", max_batch_size=batch)
     pre = Preprocessor(runtime.info.image_size, runtime.info.resize)
@@ -65,7 +65,7 @@ def tight_loop(model: Path, paths: list[Path], batch: int) -> float:
 
 
 def job_rate(engine: object, folder: Path, out: Path, n: int) -> float:
-    from server.bulk import JobConfig, run_job
+    from simclr_embed.embed.job import JobConfig, run_job
 
     shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
     t0 = time.perf_counter()
@@ -112,9 +112,9 @@ def main() -> int:
     p.add_argument("--work", type=Path, default=REPO / "runs" / "bench-embed")
     args = p.parse_args()
 
-    from server.client import EmbeddingClient
-    from server.embed_cli import _Remote
-    from server.offline import OfflineEmbedder
+    from simclr_embed.client.blocking import EmbeddingClient
+    from simclr_embed.embed.cli import _Remote
+    from simclr_embed.embed.offline import OfflineEmbedder
 
     work = args.work
     model = build_model(args.arch, args.image_size, args.stem, work)
@@ -193,8 +193,8 @@ def main() -> int:
 
 
 def ray_rate(model: Path, paths: list[Path], out: Path, batch: int) -> float:
-    from server.ray_embed import run_ray
-    from server.runtime import OnnxRuntime
+    from simclr_embed.embed.ray_job import run_ray
+    from simclr_embed.inference.runtime import OnnxRuntime
 
     info = OnnxRuntime(model, device="cpu").info
     job = {"format": "parquet", "model_version": info.model_version, "kind": "features",

@@ -32,11 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import onnxruntime as ort
 import torch
 
-from export.onnx_export import export_checkpoint, export_encoder, load_encoder
-from export.quantize import quantize_model
-from simclr_embed.sample_data import generate
-from training.checkpoint import FORMAT
-from training.model import SimCLRModel, default_stem
+from simclr_embed.demo.sample_data import generate
+from simclr_embed.export.onnx_export import export_checkpoint, export_encoder, load_encoder
+from simclr_embed.export.quantize import quantize_model
+from simclr_embed.training.checkpoint import FORMAT
+from simclr_embed.training.model import SimCLRModel, default_stem
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -150,7 +150,7 @@ DRYFLAG=$( ((DRY)) && echo --dry-run)
 step env 60 "$PY" bench/gpu_steps.py $DRYFLAG env
 
 # 2. Inputs: the bundled sample set (small, for the smoke run) and photo-sized JPEGs.
-step sample_data 60 "$PY" -m simclr_embed.sample_data "$WORK/data" --per-class 32 --size 64
+step sample_data 60 "$PY" -m simclr_embed.demo.sample_data "$WORK/data" --per-class 32 --size 64
 step jpegs 60 "$PY" bench/gpu_steps.py jpegs "$WORK/jpegs" --n $N_JPEG --width $JPEG_W --height $JPEG_H
 
 # 3. Training: the real CLI (bf16 autocast on CUDA) for a checkpoint to export, then ResNet-50 at
@@ -164,7 +164,7 @@ step train_smoke 180 "${SIMCLR[@]}" train --data "$WORK/data" --out "$WORK/run" 
 #    workers only decode and crop); the log line gives images/s and the data-wait share.
 for where in workers device; do
   NOTE_RE='img/s' needs "$WORK/jpegs/photos" "train_jpeg_$where" 240 "$PY" -m torch.distributed.run \
-    --standalone --nproc-per-node 1 -m training --data "$WORK/jpegs" --out "$WORK/r50-$where" \
+    --standalone --nproc-per-node 1 -m simclr_embed.training --data "$WORK/jpegs" --out "$WORK/r50-$where" \
     "${R50[@]}" --augment-on "$where" --device $DEV --no-progress --log-every 10
 done
 NOTE_RE='^\| SimCLR' step train_synth 200 "$PY" bench/train_step.py "${SYNTH[@]}"
@@ -185,8 +185,8 @@ needs "$WORK/model.pt2" serve_torch 150 "$PY" - "$WORK/model.pt2" "$WORK/data" $
 import signal, subprocess, sys, time
 from pathlib import Path
 import numpy as np
-from server.client import EmbeddingClient
-from simclr_embed.demo_steps import free_port
+from simclr_embed.client.blocking import EmbeddingClient
+from simclr_embed.demo.steps import free_port
 model, data, device, simclr = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 port = free_port()
 proc = subprocess.Popen([*simclr, "serve", "--model", model, "--port", str(port), "--device",

@@ -108,7 +108,7 @@ def _cos_abs(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 def cmd_parity(args: argparse.Namespace) -> int:
     """Each runtime on the device vs the fp32 CPU reference (ONNX Runtime CPU): min cosine and
     max |diff| relative to the reference's scale, features at batch 16."""
-    from server.runtime import OnnxRuntime, open_runtime
+    from simclr_embed.inference.runtime import OnnxRuntime, open_runtime
 
     ref_rt = OnnxRuntime(args.onnx, device="cpu", max_batch_size=16)
     s = ref_rt.info.image_size

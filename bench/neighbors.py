@@ -5,13 +5,13 @@
 
 Part 1 (synthetic, clustered like embeddings: 1,000 centres, non-negative like pooled ReLU
 features): build time and queries/s of the exact index (IndexFlatIP) and the approximate one
-(IndexHNSWFlat, neighbors.search), beside numpy brute force (one matmul + argpartition per
+(IndexHNSWFlat, simclr_embed.neighbors.search), beside numpy brute force (one matmul + argpartition per
 chunk of queries), all on the same --queries rows of the collection, in one run; recall@10 of
 HNSW against exact; and the all-vs-all time each implies for ``simclr neighbors`` (N queries).
 
 Part 2 (with --model and --images, real photos): each of --originals pictures gets the four
 planted near-copies of the test suite (JPEG quality 50, resized x0.5, 5 % crop, PNG copy);
-all are embedded with the model (server.offline, the product's path); prints the cosine of
+all are embedded with the model (simclr_embed.embed.offline, the product's path); prints the cosine of
 every copy to its original and of every original to its nearest *other* picture, and the
 threshold that separates them — what ``--duplicates`` defaults to.
 """
@@ -32,8 +32,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from neighbors.search import build_index, faiss_module, nearest, normalized, search  # noqa: E402
 from simclr_embed.imageio import list_images  # noqa: E402
+from simclr_embed.neighbors.search import build_index, faiss_module, nearest, normalized, search  # noqa: E402
 
 
 def get_args() -> argparse.Namespace:
@@ -111,7 +111,7 @@ def plant(img: Image.Image, stem: str, out: Path) -> list[Path]:
 
 
 def part_two(args: argparse.Namespace) -> None:
-    from server.offline import OfflineEmbedder
+    from simclr_embed.embed.offline import OfflineEmbedder
     from simclr_embed.imageio import open_image
 
     photos = list_images(args.images)

@@ -4,7 +4,7 @@ agreement costs — ResNet-50 at 224 px on this CPU.
     .venv/bin/python bench/preempt.py                 # resnet50 224 px, batch 4, 3 signals
     .venv/bin/python bench/preempt.py --arch resnet18 --image-size 64
 
-What runs: `python -m training` as a process on generated photos (--max-steps far away); after
+What runs: `python -m simclr_embed.training` as a process on generated photos (--max-steps far away); after
 step 2 (and then at a random moment of a later step) SIGTERM; the time until the process exits
 0, split into "finishing the step in progress" and "writing last.pt" from its log. The stop
 agreement (one all-reduce of one int on the host, every step) is measured in

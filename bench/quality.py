@@ -163,8 +163,8 @@ def write_untrained(trained: Path, out: Path, seed: int) -> None:
     """Same config as the trained checkpoint, fresh random init (what step 0 of training sees)."""
     import torch
 
-    from training.checkpoint import FORMAT, load_checkpoint
-    from training.model import build_model
+    from simclr_embed.training.checkpoint import FORMAT, load_checkpoint
+    from simclr_embed.training.model import build_model
 
     cfg = load_checkpoint(trained)["config"]
     torch.manual_seed(seed)

@@ -6,7 +6,7 @@
     .venv/bin/python bench/serve.py --device cuda --runtime torch     # the .pt2 torch runtime
 
 What runs (all on 127.0.0.1, every loop bounded by --seconds):
-  server  `python -m server` in its own process; C closed-loop clients (grpc.aio, one coroutine
+  server  `python -m simclr_embed.server` in its own process; C closed-loop clients (grpc.aio, one coroutine
           each, one 640×480 JPEG per request) for each C in --clients: img/s, p50/p95/p99 latency,
           mean model batch size (from the server's own /metrics).
   P1      a tight in-process loop: decode + preprocess (the server's own Preprocessor) +
@@ -44,9 +44,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from server.images import Preprocessor  # noqa: E402
-from server.pb.simclr.v1 import embedding_pb2 as pb  # noqa: E402
-from server.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc  # noqa: E402
+from simclr_embed.inference.images import Preprocessor  # noqa: E402
+from simclr_embed.pb.simclr.v1 import embedding_pb2 as pb  # noqa: E402
+from simclr_embed.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc  # noqa: E402
 
 SKIMAGE_PHOTOS = (
     "astronaut.png",
@@ -70,9 +70,9 @@ def build_model(arch: str, size: int, stem: str, out_dir: Path, runtime: str = "
     ``runtime="torch"`` its ``--torch-program`` twin (``.pt2``) is returned instead."""
     import torch
 
-    from export.onnx_export import export_checkpoint
-    from training.checkpoint import FORMAT
-    from training.model import SimCLRModel, default_stem
+    from simclr_embed.export.onnx_export import export_checkpoint
+    from simclr_embed.training.checkpoint import FORMAT
+    from simclr_embed.training.model import SimCLRModel, default_stem
 
     stem = default_stem(size) if stem == "auto" else stem
     out = out_dir / f"{arch}-{size}-{stem}.onnx"
@@ -96,7 +96,7 @@ def build_model(arch: str, size: int, stem: str, out_dir: Path, runtime: str = "
     )
     report = export_checkpoint(ckpt, out, verify=False)
     if runtime == "torch":
-        from export.torch_program import export_torch_program
+        from simclr_embed.export.torch_program import export_torch_program
 
         export_torch_program(ckpt, program, report["metadata"], verify=False)
         return program
@@ -186,7 +186,7 @@ def naive_server(model: str, device: str, port: int, workers: int) -> int:
     """P2: one session.run per RPC, no batching; a thread per concurrent RPC."""
     import grpc
 
-    from server.runtime import open_runtime
+    from simclr_embed.inference.runtime import open_runtime
 
     runtime = open_runtime(model, device=device, max_batch_size=1)
     runtime.warm_up()
@@ -283,7 +283,7 @@ class InProcess:
     images per run, no server, no gRPC."""
 
     def __init__(self, model: Path, device: str, batch: int) -> None:
-        from server.runtime import open_runtime, usable_cores
+        from simclr_embed.inference.runtime import open_runtime, usable_cores
 
         # One batch at a time, so the model gets every core (ONNX Runtime's own best setting).
         self.runtime = open_runtime(model, device=device, max_batch_size=max(batch, 1))
@@ -345,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--max-delay-ms", type=float, default=2.0)
     p.add_argument("--photos", type=int, default=64, help="distinct JPEGs cycled through")
-    p.add_argument("--server-args", default="", help="extra flags for `python -m server`")
+    p.add_argument(
+        "--server-args", default="", help="extra flags for `python -m simclr_embed.server`"
+    )
     p.add_argument("--naive-server", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--workers", type=int, default=32, help=argparse.SUPPRESS)

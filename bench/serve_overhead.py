@@ -8,7 +8,7 @@ What runs (127.0.0.1 only; every phase bounded by --seconds):
   noop model  an ONNX graph with the real model's input and outputs (uint8 [N, 32, 32, 3] →
               features [N, 2048], projection [N, 128]) that does almost nothing (a mean and two
               tiny matmuls), so what is left is decode, batching, proto building and gRPC.
-  server      `python -m server --model noop.onnx` (--processes 1 and, with --processes 1 2, 2).
+  server      `python -m simclr_embed.server --model noop.onnx` (--processes 1 and, with --processes 1 2, 2).
   echo        a minimal grpc.aio server on the same proto that answers every Embed with a
               precomputed EmbedResponse of the right size: the Python gRPC ceiling here.
   load        grpc.aio closed-loop clients (1 / 16 / 64) in one process, raw 32×32 pixels or a
@@ -41,8 +41,8 @@ sys.path.insert(0, str(REPO / "bench"))
 import grpc  # noqa: E402
 from serve import build_model, start_process, stop_process  # noqa: E402
 
-from server.pb.simclr.v1 import embedding_pb2 as pb  # noqa: E402
-from server.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc  # noqa: E402
+from simclr_embed.pb.simclr.v1 import embedding_pb2 as pb  # noqa: E402
+from simclr_embed.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc  # noqa: E402
 
 S, F, P = 32, 2048, 128
 
@@ -195,7 +195,7 @@ def start_server(model: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
 
 def packing_cost(rounds: int = 50) -> str:
     v = np.random.default_rng(0).standard_normal((64, F)).astype(np.float32)
-    from server.codec import to_array
+    from simclr_embed.client.codec import to_array
 
     def repeated() -> None:
         r = pb.EmbedResponse(embeddings=[pb.Embedding(values=x) for x in v.tolist()], dimension=F)
@@ -221,9 +221,9 @@ def packing_cost(rounds: int = 50) -> str:
 
 
 def stream_vs_unary(target: str, work: Path, n: int = 4000) -> str:
-    from server.bulk import JobConfig, run_job
-    from server.client import EmbeddingClient
-    from server.embed_cli import _Remote
+    from simclr_embed.client.blocking import EmbeddingClient
+    from simclr_embed.embed.cli import _Remote
+    from simclr_embed.embed.job import JobConfig, run_job
 
     folder = work / "small"
     folder.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@
     .venv/bin/python bench/soak.py --clients 16 --seconds 10
 
 What runs (127.0.0.1 only; every loop bounded by --seconds and --max-calls):
-  server  `python -m server` in its own process (tiny freshly initialized model, exported by the
+  server  `python -m simclr_embed.server` in its own process (tiny freshly initialized model, exported by the
           real exporter and cached in runs/bench-soak/).
   load    --clients coroutines on grpc.aio, each its own channel, plain stubs (no retries: every
           outcome is what the server answered). Per call: 1-4 images (JPEG or raw), features or
@@ -41,8 +41,8 @@ sys.path.insert(0, str(REPO))
 
 import grpc  # noqa: E402
 
-from server.pb.simclr.v1 import embedding_pb2 as pb  # noqa: E402
-from server.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc  # noqa: E402
+from simclr_embed.pb.simclr.v1 import embedding_pb2 as pb  # noqa: E402
+from simclr_embed.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc  # noqa: E402
 
 
 def build_model(out_dir: Path) -> Path:

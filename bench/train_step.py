@@ -38,11 +38,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.augment import SimCLRAugment
-from training.data import build_train_loader
-from training.loss import nt_xent_loss
-from training.model import SimCLRModel
-from training.optim import build_optimizer
+from simclr_embed.training.augment import SimCLRAugment
+from simclr_embed.training.data import build_train_loader
+from simclr_embed.training.loss import nt_xent_loss
+from simclr_embed.training.model import SimCLRModel
+from simclr_embed.training.optim import build_optimizer
 
 
 def get_args() -> argparse.Namespace:
@@ -210,7 +210,7 @@ def bench_data(args: argparse.Namespace, paths: list[Path], cuda: bool) -> float
 def _stop_check_worker(rank: int, world: int, port: int, calls: int, out: object) -> None:
     import torch.distributed as tdist
 
-    from training import distributed as dist
+    from simclr_embed.training import distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     tdist.init_process_group("gloo", rank=rank, world_size=world)
@@ -225,7 +225,7 @@ def _stop_check_worker(rank: int, world: int, port: int, calls: int, out: object
 
 
 def bench_stop_check(processes: int, calls: int = 2000) -> float:
-    """Seconds per ``training.distributed.any_rank`` call (the stop agreement every step makes)
+    """Seconds per ``simclr_embed.training.distributed.any_rank`` call (the stop agreement every step makes)
     among ``processes`` gloo processes on this machine."""
     import multiprocessing
     import socket
@@ -270,7 +270,7 @@ def main() -> int:
     rates = bench_steps(args, device)
     with tempfile.TemporaryDirectory() as tmp:
         if args.data:
-            from training.data import find_images
+            from simclr_embed.training.data import find_images
 
             paths = find_images(args.data)
         else:

@@ -34,7 +34,7 @@ exec "$TORCHRUN" \
   --rdzv-id "${RDZV_ID:-simclr}" \
   --rdzv-backend c10d \
   --rdzv-endpoint "$RDZV_ENDPOINT" \
-  -m training \
+  -m simclr_embed.training \
   --config "$CONFIG" \
   --data "$DATA" \
   --out "$OUT" \

@@ -8,19 +8,28 @@ from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from simclr_embed import __version__
-from simclr_embed.errors import SimclrError
+from simclr_embed.errors import run_main
 
 # subcommand -> (module with `main(argv) -> int`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("training.cli", "train SimCLR on a folder of images (torchrun-ready)"),
-    "export-onnx": ("export.cli", "export a checkpoint to a self-contained ONNX model"),
-    "serve": ("server.cli", "serve an ONNX model over gRPC with dynamic batching"),
-    "embed": ("server.embed_cli", "embed image files/folders through a running server"),
-    "evaluate": ("evaluation.cli", "kNN + linear probe of frozen features on labeled folders"),
-    "neighbors": ("neighbors.cli", "nearest neighbours and near-duplicates of embedded images"),
+    "train": ("simclr_embed.training.cli", "train SimCLR on a folder of images (torchrun-ready)"),
+    "export-onnx": (
+        "simclr_embed.export.cli",
+        "export a checkpoint to a self-contained ONNX model",
+    ),
+    "serve": ("simclr_embed.server.cli", "serve an ONNX model over gRPC with dynamic batching"),
+    "embed": ("simclr_embed.embed.cli", "embed image files/folders through a running server"),
+    "evaluate": (
+        "simclr_embed.evaluation.cli",
+        "kNN + linear probe of frozen features on labeled folders",
+    ),
+    "neighbors": (
+        "simclr_embed.neighbors.cli",
+        "nearest neighbours and near-duplicates of embedded images",
+    ),
 }
 
 
@@ -29,18 +38,6 @@ def _usage() -> str:
     lines += [f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "Run 'simclr <command> --help' for a command's options."]
     return "\n".join(lines)
-
-
-def run_main(fn: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
-    """Run a stage's ``main``, mapping ``SimclrError`` to exit 1 with a one-line message."""
-    try:
-        return fn(argv)
-    except SimclrError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,5 +1,10 @@
 """The one exception type that entry points turn into exit code 1 with a one-line reason."""
 
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
 
 class SimclrError(Exception):
     """A runtime failure the user can act on (missing folder, corrupt checkpoint, ...).
@@ -7,3 +12,19 @@ class SimclrError(Exception):
     Entry points catch it, print ``error: <message>`` on stderr and exit 1; anything else is a
     bug and keeps its traceback.
     """
+
+
+def run_main(fn: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """Run a command's ``main``: ``SimclrError`` → exit 1 with ``error: <message>`` on stderr.
+
+    Here, not in ``simclr_embed.cli``, so that every ``python -m simclr_embed.<stage>`` entry
+    point uses it without importing the dispatcher above it.
+    """
+    try:
+        return fn(argv)
+    except SimclrError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from simclr_embed.errors import SimclrError
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 # ImageNet statistics: the normalization used in training and baked into the ONNX graph.
@@ -125,3 +127,19 @@ def apply_resize(img: Image.Image, size: int, policy: str) -> Image.Image:
 def to_model_input(img: Image.Image, size: int, policy: str) -> np.ndarray:
     """RGB image → uint8 ``[S, S, 3]`` array ready for the ONNX ``images`` input."""
     return np.asarray(apply_resize(to_rgb(img), size, policy), dtype=np.uint8)
+
+
+def _needed_side(size: int, policy: str) -> int:
+    """Shorter side the resize policy scales to: JPEG may be DCT-decoded down to it."""
+    kind, _, arg = policy.partition(":")
+    return round(size / float(arg)) if kind == "shorter-side-crop" and arg else size
+
+
+def load_uint8(path: str | os.PathLike[str], size: int, policy: str) -> np.ndarray:
+    """One image file → uint8 ``[S, S, 3]`` (RGB); ``SimclrError`` naming the file if unreadable."""
+    try:
+        img = open_image(path, draft_size=_needed_side(size, policy))
+        # np.array (a writable copy), not asarray: callers wrap it with torch.from_numpy.
+        return np.array(apply_resize(img, size, policy), dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three on bad data
+        raise SimclrError(f"cannot read image {path}: {exc}") from exc

@@ -66,7 +66,7 @@ def write_checkpoint(path: Path, model: Any, cfg: dict[str, Any], step: int) -> 
     """A v1 checkpoint of ``model`` (a SimCLRModel) as ``simclr train`` writes it."""
     import torch
 
-    from training.checkpoint import FORMAT
+    from simclr_embed.training.checkpoint import FORMAT
 
     torch.save(
         {"format": FORMAT, "model": model.state_dict(), "config": cfg, "step": step, "epoch": 0},
@@ -84,7 +84,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """
     import torch
 
-    from training.model import SimCLRModel
+    from simclr_embed.training.model import SimCLRModel
 
     torch.manual_seed(0)
     cfg = {
@@ -106,7 +106,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny checkpoint exported to ONNX by the real exporter (no parity check, for speed)."""
-    from export.onnx_export import export_checkpoint
+    from simclr_embed.export.onnx_export import export_checkpoint
 
     out = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
     export_checkpoint(tiny_checkpoint, out, verify=False)

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simclr_embed.demo import MARKER, main, prepare_out
-from simclr_embed.demo_steps import knn_agreement, serve_and_embed
+from simclr_embed.demo.pipeline import MARKER, main, prepare_out
+from simclr_embed.demo.steps import knn_agreement, serve_and_embed
 from simclr_embed.errors import SimclrError
 
 
@@ -44,7 +44,7 @@ def test_demo_end_to_end(tmp_path: Path, capsys) -> None:
     assert report["runs"]["trained"]["version"] != report["runs"]["untrained"]["version"]
     from PIL import Image
 
-    from neighbors.sheet import PAD, TITLE, sheet_size
+    from simclr_embed.neighbors.sheet import PAD, TITLE, sheet_size
 
     width, height = sheet_size(6, 3 + 1)  # 6 sampled images, each with its k = 3 neighbours
     with Image.open(report["neighbors_png"]) as sheet:  # trained and untrained side by side

@@ -63,7 +63,7 @@ def test_k8s_probes_use_grpc_health_on_the_served_port() -> None:
 
 
 def test_k8s_args_are_accepted_by_the_real_serve_cli() -> None:
-    from server.config import build_parser, config_from_args
+    from simclr_embed.server.config import build_parser, config_from_args
 
     (c,) = _deployment()["spec"]["template"]["spec"]["containers"]
     parser = build_parser()
@@ -74,10 +74,10 @@ def test_k8s_args_are_accepted_by_the_real_serve_cli() -> None:
 
 
 def _training_argv(script: Path) -> list[str]:
-    """The flags a launcher script passes after ``-m training``, shell variables filled in."""
+    """The flags a launcher script passes after ``-m simclr_embed.training``, shell variables filled in."""
     text = script.read_text().replace("\\\n", " ")
-    (line,) = [ln for ln in text.splitlines() if " -m training" in ln]
-    tail = line.split(" -m training", 1)[1]
+    (line,) = [ln for ln in text.splitlines() if " -m simclr_embed.training" in ln]
+    tail = line.split(" -m simclr_embed.training", 1)[1]
     fill = {
         '"$CONFIG"': "configs/imagenet-resnet50.yaml",
         '"$DATA"': "/data",
@@ -99,7 +99,7 @@ def test_launcher_scripts(script: str) -> None:
     if script.startswith("slurm"):
         assert "srun" in text and "#SBATCH --nodes" in text
     argv = _training_argv(path)
-    from training.config import get_args_parser
+    from simclr_embed.training.config import get_args_parser
 
     args = get_args_parser().parse_args(argv)  # exits 2 (fails the test) on an unknown flag
     assert args.batch_size == 128
@@ -174,7 +174,7 @@ def test_healthcheck_script_without_a_server() -> None:
 
 
 def test_triton_notes_use_the_real_export_flags() -> None:
-    from export.cli import get_args_parser
+    from simclr_embed.export.cli import get_args_parser
 
     text = (DEPLOY / "triton" / "README.md").read_text()
     block = text.split("```bash", 1)[1].split("```", 1)[0]
@@ -191,7 +191,7 @@ def test_k8s_training_job_resumes_itself() -> None:
     (c,) = job["spec"]["template"]["spec"]["containers"]
     from torch.distributed.run import get_args_parser as torchrun_parser
 
-    from training.config import get_args_parser
+    from simclr_embed.training.config import get_args_parser
 
     assert c["command"] == ["torchrun"]
     run = torchrun_parser().parse_args(c["args"])

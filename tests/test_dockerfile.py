@@ -132,7 +132,7 @@ def test_serve_runtime_contract(dockerfile) -> None:
     copied = {c.split()[-1] for c in serve.all("COPY")}
     assert cmd[0] in {Path(p).name for p in copied}  # the script the health check runs is in it
     # The default CMD holds flags the real `simclr serve` accepts.
-    from server.config import build_parser
+    from simclr_embed.server.config import build_parser
 
     parsed = build_parser().parse_args(json.loads(serve.all("CMD")[-1]))
     assert parsed.host == "0.0.0.0" and parsed.port == 50051

@@ -2,7 +2,7 @@
 
 Commands are taken from the README's ```bash blocks (continuation lines joined, comments dropped)
 and checked by kind: ``simclr SUB ...`` and ``python -m MOD ...`` with that stage's own argparse
-(and its validation), ``torchrun ... -m training ...`` with torch's own torchrun parser and then the
+(and its validation), ``torchrun ... -m simclr_embed.training ...`` with torch's own torchrun parser and then the
 training parser, ``make X`` against the Makefile, ``docker`` against the Dockerfile's stages,
 ``grpcurl`` against the proto. ``make demo`` itself is run by tests/test_demo.py (scaled down).
 """
@@ -38,50 +38,50 @@ COMMANDS = _commands()
 
 
 def _parse_train(argv: list[str]) -> None:
-    from training.config import parse_config
+    from simclr_embed.training.config import parse_config
 
     parse_config(argv)
 
 
 def _parse_export(argv: list[str]) -> None:
-    from export.cli import parse_config
+    from simclr_embed.export.cli import parse_config
 
     parse_config(argv)
 
 
 def _parse_serve(argv: list[str]) -> None:
-    from server.config import build_parser, config_from_args
+    from simclr_embed.server.config import build_parser, config_from_args
 
     parser = build_parser()
     config_from_args(parser.parse_args(argv), parser)
 
 
 def _parse_embed(argv: list[str]) -> None:
-    from server.embed_cli import build_parser
+    from simclr_embed.embed.cli import build_parser
 
     build_parser().parse_args(argv)
 
 
 def _parse_evaluate(argv: list[str]) -> None:
-    from evaluation.cli import parse_config
+    from simclr_embed.evaluation.cli import parse_config
 
     parse_config(argv)
 
 
 def _parse_neighbors(argv: list[str]) -> None:
-    from neighbors.cli import parse_config
+    from simclr_embed.neighbors.cli import parse_config
 
     parse_config(argv)
 
 
 def _parse_demo(argv: list[str]) -> None:
-    from simclr_embed.demo import get_args_parser
+    from simclr_embed.demo.pipeline import get_args_parser
 
     get_args_parser().parse_args(argv)
 
 
 def _parse_sample_data(argv: list[str]) -> None:
-    from simclr_embed.sample_data import get_args_parser
+    from simclr_embed.demo.sample_data import get_args_parser
 
     get_args_parser().parse_args(argv)
 
@@ -101,7 +101,7 @@ MODULES: dict[str, Callable[[list[str]], None]] = {
     "evaluation": _parse_evaluate,
     "neighbors": _parse_neighbors,
     "simclr_embed.demo": _parse_demo,
-    "simclr_embed.sample_data": _parse_sample_data,
+    "simclr_embed.demo.sample_data": _parse_sample_data,
 }
 
 
@@ -180,7 +180,7 @@ def test_core_commands_are_documented() -> None:
     for needle in (
         "make demo",
         "make test",
-        "torchrun --standalone --nproc-per-node 8 -m training",
+        "torchrun --standalone --nproc-per-node 8 -m simclr_embed.training",
         "--nnodes",
         "--rdzv-endpoint",
         "simclr export-onnx",
@@ -233,7 +233,7 @@ def test_python_snippets_use_the_real_api() -> None:
                     assert hasattr(module, alias.name), f"{node.module}.{alias.name}"
         # Methods called on the documented client exist on it.
         if "EmbeddingClient" in block:
-            from server.client import EmbeddingClient
+            from simclr_embed.client.blocking import EmbeddingClient
 
             used = {
                 n.func.attr

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from simclr_embed.sample_data import CLASSES, generate, main
+from simclr_embed.demo.sample_data import CLASSES, generate, main
 
 
 def _digest(paths: list[Path]) -> str:
@@ -89,13 +89,20 @@ def test_cli(tmp_path: Path, capsys) -> None:
     assert main([str(tmp_path / "x"), "--per-class", "1", "--size", "16"]) == 0
     assert "wrote 8 images" in capsys.readouterr().out
     bad = subprocess.run(
-        [sys.executable, "-m", "simclr_embed.sample_data", str(tmp_path / "y"), "--per-class", "0"],
+        [
+            sys.executable,
+            "-m",
+            "simclr_embed.demo.sample_data",
+            str(tmp_path / "y"),
+            "--per-class",
+            "0",
+        ],
         capture_output=True,
         text=True,
     )
     assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "--per-class" in bad.stderr
     usage = subprocess.run(
-        [sys.executable, "-m", "simclr_embed.sample_data", "out", "--bogus"],
+        [sys.executable, "-m", "simclr_embed.demo.sample_data", "out", "--bogus"],
         capture_output=True,
         text=True,
     )

@@ -1,4 +1,4 @@
-"""``AsyncEmbeddingClient``: the asyncio twin of ``server.client.EmbeddingClient`` (grpc.aio)."""
+"""``AsyncEmbeddingClient``: the asyncio twin of ``simclr_embed.client.blocking.EmbeddingClient`` (grpc.aio)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2
 
-from server.channel import SERVICE
-from server.client import _INFO_REQUEST, _PROBE_S, RESENDABLE, _ClientBase, backoff_s
-from server.codec import (
+from simclr_embed.client.blocking import _INFO_REQUEST, _PROBE_S, RESENDABLE, _ClientBase, backoff_s
+from simclr_embed.client.channel import SERVICE
+from simclr_embed.client.codec import (
     Chunk,
     EmbedBatch,
     EmbeddingError,

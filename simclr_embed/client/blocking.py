@@ -11,7 +11,7 @@ Large lists are sent as several requests of at most ``max_batch`` images (and we
 message limit), ``concurrency`` at a time, and come back in order; memory holds at most
 ``concurrency`` requests, so ``embed_iter`` over millions of paths stays flat.
 
-Rolling restarts cost latency, not errors (``server.channel.service_config``): round-robin over
+Rolling restarts cost latency, not errors (``simclr_embed.client.channel.service_config``): round-robin over
 every address of the target, health watched per server, wait-for-ready, gRPC's retry policy.
 ``resend=K`` additionally re-sends a request up to K times (exponential backoff, full jitter)
 when the channel's policy gave up on UNAVAILABLE / RESOURCE_EXHAUSTED / DEADLINE_EXCEEDED —
@@ -31,7 +31,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.channel import (
+from simclr_embed.client.channel import (
     SERVICE,
     channel_options,
     credentials,
@@ -39,8 +39,7 @@ from server.channel import (
     make_channel,
     probe_options,
 )
-from server.client_stream import StreamUnsupported, stream_batches
-from server.codec import (
+from simclr_embed.client.codec import (
     KINDS,
     Chunk,
     EmbedBatch,
@@ -58,8 +57,9 @@ from server.codec import (
     to_proto_image,
     unreachable,
 )
-from server.pb.simclr.v1 import embedding_pb2 as pb
-from server.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc
+from simclr_embed.client.stream import StreamUnsupported, stream_batches
+from simclr_embed.pb.simclr.v1 import embedding_pb2 as pb
+from simclr_embed.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc
 
 __all__ = [
     "KINDS",
@@ -112,7 +112,7 @@ class _ClientBase:
         creds = credentials(tls)
         options = channel_options(max_message_mb, retry=retry)
         self._channel = make_channel(self.target, creds, options, aio=self._aio)
-        # Health probes on a plain channel of their own (see server.channel.probe_options).
+        # Health probes on a plain channel of their own (see simclr_embed.client.channel.probe_options).
         self._probe = make_channel(self.target, creds, probe_options(max_message_mb), aio=self._aio)
         self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._probe)
@@ -129,7 +129,7 @@ class EmbeddingClient(_ClientBase):
         tls: ``False``, ``True`` (system roots) or a root CA (path or PEM bytes).
         timeout: seconds per call, waiting for a SERVING server and retries included.
         max_batch: most images per request.
-        retry: gRPC's retry policy (``server.channel.RETRY_POLICY``); ``False``: one attempt.
+        retry: gRPC's retry policy (``simclr_embed.client.channel.RETRY_POLICY``); ``False``: one attempt.
         resend: re-sends of a whole request after the policy gave up (see the module docstring).
     """
 
@@ -182,7 +182,7 @@ class EmbeddingClient(_ClientBase):
         ``concurrency`` requests are in flight (and in memory).
 
         ``stream=True`` (with ``on_error="skip"``): all requests on one ``EmbedStream`` call,
-        up to ``2 × concurrency`` unanswered (``server.client_stream``); unary calls where the
+        up to ``2 × concurrency`` unanswered (``simclr_embed.client.stream``); unary calls where the
         server has no such RPC.
         """
         check_options(kind, on_error)
@@ -297,9 +297,9 @@ _INFO_REQUEST = pb.GetModelInfoRequest()
 
 
 def __getattr__(name: str) -> Any:
-    """``server.client.AsyncEmbeddingClient`` lives in ``server.aio_client``."""
+    """``simclr_embed.client.blocking.AsyncEmbeddingClient`` lives in ``simclr_embed.client.aio``."""
     if name == "AsyncEmbeddingClient":
-        from server.aio_client import AsyncEmbeddingClient
+        from simclr_embed.client.aio import AsyncEmbeddingClient
 
         return AsyncEmbeddingClient
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from server.pb.simclr.v1 import embedding_pb2 as pb
+from simclr_embed.pb.simclr.v1 import embedding_pb2 as pb
 
 SERVICE = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
 

@@ -19,8 +19,8 @@ import grpc
 import numpy as np
 from PIL import Image
 
-from server.pb.simclr.v1 import embedding_pb2 as pb
 from simclr_embed.imageio import to_rgb
+from simclr_embed.pb.simclr.v1 import embedding_pb2 as pb
 
 ImageLike = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]  # noqa: UP007
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from server.codec import Chunk, EmbedBatch, EmbeddingError, build_request, to_batch
+from simclr_embed.client.codec import Chunk, EmbedBatch, EmbeddingError, build_request, to_batch
 
 _MESSAGE_RE = re.compile(r"^message \d+: (?:image (\d+): )?")
 

@@ -1,6 +1,6 @@
 """``make demo`` / ``python -m simclr_embed.demo``: the whole product, end to end, in minutes.
 
-1. data: the bundled synthetic sample set (``simclr_embed.sample_data``) generated into
+1. data: the bundled synthetic sample set (``simclr_embed.demo.sample_data``) generated into
    ``OUT/data``, or ``--data DIR`` (``make demo DATA=DIR``);
 2. ``simclr train`` a small SimCLR (resnet18 at 32 px, standard stem: CPU-friendly; ``--device
    auto`` so a GPU is used when there is one);
@@ -29,7 +29,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from simclr_embed.demo_steps import (
+from simclr_embed.demo.steps import (
     cpu_training_plan,
     run_simclr,
     serve_and_embed,
@@ -119,7 +119,7 @@ def draw_neighbors(runs: dict[str, dict], out: Path, k: int) -> Path | None:
     except ImportError:
         print("\nskipping neighbors.png: FAISS is not installed (simclr-embed[neighbors])")
         return None
-    from neighbors.sheet import save_png, side_by_side
+    from simclr_embed.neighbors.sheet import save_png, side_by_side
 
     sheets = []
     for name in ("trained", "untrained"):
@@ -195,7 +195,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     out = cfg.out
     prepare_out(out, cfg.data)
     if cfg.data is None:
-        from simclr_embed.sample_data import CLASSES, generate
+        from simclr_embed.demo.sample_data import CLASSES, generate
 
         data = out / "data"
         print(
@@ -281,6 +281,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from simclr_embed.cli import run_main
+    from simclr_embed.errors import run_main
 
     raise SystemExit(run_main(main))

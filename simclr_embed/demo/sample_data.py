@@ -1,6 +1,6 @@
 """The bundled sample dataset: small synthetic images whose class is a *pattern*, nothing else.
 
-``python -m simclr_embed.sample_data OUT [--per-class N] [--size S] [--seed K]`` writes
+``python -m simclr_embed.demo.sample_data OUT [--per-class N] [--size S] [--seed K]`` writes
 ``OUT/<class>/<class>-<i>.png``. Nothing is downloaded and nothing is committed: the images are
 drawn with numpy + Pillow from a seed, so every machine gets byte-identical files (the demo
 generates them into ``runs/demo/data``).
@@ -207,7 +207,7 @@ def generate(
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m simclr_embed.sample_data",
+        prog="python -m simclr_embed.demo.sample_data",
         description="Generate the synthetic labeled sample dataset (OUT/<class>/*.png).",
     )
     p.add_argument("out", type=Path, help="output folder (created)")
@@ -225,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from simclr_embed.cli import run_main
+    from simclr_embed.errors import run_main
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     raise SystemExit(run_main(main))

@@ -101,7 +101,7 @@ class Server:
         self.exit_code: int | None = None
 
     def wait_serving(self, timeout: float) -> None:
-        from server.client import EmbeddingClient
+        from simclr_embed.client.blocking import EmbeddingClient
 
         end = time.monotonic() + timeout
         with EmbeddingClient(self.target, timeout=2.0) as client:
@@ -146,8 +146,8 @@ def write_untrained_checkpoint(trained: Path, out: Path) -> Path:
     """The trained run's architecture at step 0: rebuilt with the run's seed, never trained."""
     import torch
 
-    from training.checkpoint import FORMAT, load_checkpoint
-    from training.model import build_model
+    from simclr_embed.training.checkpoint import FORMAT, load_checkpoint
+    from simclr_embed.training.model import build_model
 
     cfg = dict(load_checkpoint(trained)["config"])
     torch.manual_seed(int(cfg.get("seed", 0)))  # the training's own init (it seeds the same way)
@@ -171,7 +171,7 @@ def knn_agreement(vectors: np.ndarray, paths: Sequence[str], data: Path, k: int)
     """
     import torch
 
-    from evaluation.knn import knn_top1
+    from simclr_embed.training.knn import knn_top1
 
     labels = [Path(p).resolve().relative_to(data.resolve()).parts for p in paths]
     if any(len(parts) < 2 for parts in labels):
@@ -205,7 +205,7 @@ def serve_and_embed(
     """
     import numpy as np
 
-    from server.client import EmbeddingClient
+    from simclr_embed.client.blocking import EmbeddingClient
 
     server = Server(model, out / "logs" / f"serve-{name}.log", device)
     out = out / "embeddings" / f"{name}.npy"

@@ -22,15 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from server.config import TOKEN_ENV
-from server.embed_store import FORMATS, errors_path
-from server.images import DEFAULT_MAX_PIXELS
+from simclr_embed.embed.store import FORMATS, errors_path
 from simclr_embed.errors import SimclrError
+from simclr_embed.inference.images import DEFAULT_MAX_PIXELS
+from simclr_embed.server.config import TOKEN_ENV
 
 if TYPE_CHECKING:
-    from server.client import EmbeddingClient
-    from server.codec import EmbedBatch
-    from server.offline import OfflineEmbedder
+    from simclr_embed.client.blocking import EmbeddingClient
+    from simclr_embed.client.codec import EmbedBatch
+    from simclr_embed.embed.offline import OfflineEmbedder
 
 PATHS_SUFFIX = ".paths.txt"
 
@@ -205,12 +205,12 @@ def open_engine(
     """What embeds files: ``model`` in this process, else the server(s) at ``target`` (waited
     for up to ``wait_s``). Both offer ``model_info()``, ``embed_iter(...)`` and ``close()``."""
     if model is not None:
-        from server.offline import OfflineEmbedder
+        from simclr_embed.embed.offline import OfflineEmbedder
 
         return OfflineEmbedder(
             model, device=device, batch=batch, decode_threads=decode_threads, max_pixels=max_pixels
         )
-    from server.client import EmbeddingClient
+    from simclr_embed.client.blocking import EmbeddingClient
 
     client = EmbeddingClient(
         target or "", token, tls=tls, timeout=timeout, max_batch=batch, resend=resend
@@ -249,9 +249,9 @@ class _Remote:
 
 
 def _run_ray(cfg: EmbedConfig) -> tuple[int, int, int, str]:
-    from server.bulk import check_paths, iter_inputs
-    from server.ray_embed import run_ray
-    from server.runtime import open_runtime
+    from simclr_embed.embed.job import check_paths, iter_inputs
+    from simclr_embed.embed.ray_job import run_ray
+    from simclr_embed.inference.runtime import open_runtime
 
     check_paths(cfg.paths)
     runtime = open_runtime(cfg.model, device="cpu", max_batch_size=1)  # the model's facts
@@ -275,8 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import grpc  # after argument checks: `--help` stays fast
     from tqdm import tqdm
 
-    from server.bulk import JobConfig, run_job
-    from server.client import EmbeddingError
+    from simclr_embed.client.blocking import EmbeddingError
+    from simclr_embed.embed.job import JobConfig, run_job
 
     if cfg.ray is not None:
         rows, skipped, dim, version = _run_ray(cfg)

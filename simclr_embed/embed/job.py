@@ -2,10 +2,10 @@
 
     inputs (lazy, sorted walk) ─▶ engine.embed_iter (a server, or this process) ─▶ store
 
-The engine is ``server.client.EmbeddingClient`` (through ``simclr serve``: per-image errors,
-gRPC's retry policy plus re-sends) or ``server.offline.OfflineEmbedder`` (the same
+The engine is ``simclr_embed.client.blocking.EmbeddingClient`` (through ``simclr serve``: per-image errors,
+gRPC's retry policy plus re-sends) or ``simclr_embed.embed.offline.OfflineEmbedder`` (the same
 preprocessing and runtime in this process); both yield ``EmbedBatch`` in input order. The store
-(``server.embed_store``) commits a part every ``part_size`` inputs; ``resume`` skips the
+(``simclr_embed.embed.store``) commits a part every ``part_size`` inputs; ``resume`` skips the
 committed inputs — after checking that the listing still agrees with them — and continues.
 Memory holds what is in flight (``concurrency`` × ``batch`` images) and one part, never N.
 """
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from server.codec import EmbedBatch
-from server.embed_store import completed, errors_path, open_store
+from simclr_embed.client.codec import EmbedBatch
+from simclr_embed.embed.store import completed, errors_path, open_store
 from simclr_embed.errors import SimclrError
 from simclr_embed.imageio import iter_images
 

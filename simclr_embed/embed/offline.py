@@ -1,11 +1,11 @@
 """Embed files in this process, no server: the server's own preprocessing and runtime.
 
-The same ``server.images.Preprocessor.from_encoded`` the server runs on request bytes (here on
-the file's bytes) and the same ``server.runtime`` session and output selection, so a file gives
+The same ``simclr_embed.inference.images.Preprocessor.from_encoded`` the server runs on request bytes (here on
+the file's bytes) and the same ``simclr_embed.inference.runtime`` session and output selection, so a file gives
 the same vector offline, through ``simclr serve`` and through Ray. Decoding runs in a thread
 pool (Pillow releases the GIL); up to ``inflight`` batches are in progress at once, so one
 batch decodes while the previous one is in the model. Results come out in input order, as
-:class:`server.codec.EmbedBatch` — the same stream ``EmbeddingClient.embed_iter`` yields.
+:class:`simclr_embed.client.codec.EmbedBatch` — the same stream ``EmbeddingClient.embed_iter`` yields.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from server.codec import EmbedBatch, Failure, check_options
-from server.images import DEFAULT_MAX_PIXELS, ImageError, Preprocessor
-from server.runtime import open_runtime, select_output, usable_cores
+from simclr_embed.client.codec import EmbedBatch, Failure, check_options
+from simclr_embed.inference.images import DEFAULT_MAX_PIXELS, ImageError, Preprocessor
+from simclr_embed.inference.runtime import open_runtime, select_output, usable_cores
 
 OUTPUT_FOR_KIND = {"features": "features", "projection": "projection"}
 

@@ -3,9 +3,9 @@
     paths ─▶ read bytes + decode/preprocess (CPU tasks) ─▶ model (actor pool, a GPU each when
     there are GPUs) ─▶ write_parquet
 
-Every step is ordinary code the single-machine path runs too: ``server.offline.decode_file``
-(the server's ``Preprocessor``) and ``server.runtime.open_runtime`` + ``select_output``; the
-Parquet table is ``server.embed_store``'s. Ray adds the scheduling. Bad files are skipped and
+Every step is ordinary code the single-machine path runs too: ``simclr_embed.embed.offline.decode_file``
+(the server's ``Preprocessor``) and ``simclr_embed.inference.runtime.open_runtime`` + ``select_output``; the
+Parquet table is ``simclr_embed.embed.store``'s. Ray adds the scheduling. Bad files are skipped and
 listed as everywhere else: each decode task writes the rows it could not use to a small file
 under ``OUTPUT/_simclr_errors/`` (a re-executed task rewrites the same rows), merged into
 ``OUTPUT.errors.tsv`` at the end. ``preserve_order`` keeps rows, and part files, in input order.
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from server.embed_store import ParquetStore, embedding_table, errors_path
+from simclr_embed.embed.store import ParquetStore, embedding_table, errors_path
 from simclr_embed.errors import SimclrError
 from simclr_embed.fileio import atomic_write_text
 
@@ -44,13 +44,13 @@ class Decode:
     def __init__(
         self, size: int, policy: str, max_pixels: int, errors_dir: str, fail: bool
     ) -> None:
-        from server.images import Preprocessor
+        from simclr_embed.inference.images import Preprocessor
 
         self.pre = Preprocessor(size, policy, max_pixels)
         self.errors_dir, self.fail = Path(errors_dir), fail
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from server.offline import decode_file
+        from simclr_embed.embed.offline import decode_file
 
         s = self.pre.size
         pixels = np.zeros((len(batch["path"]), s, s, 3), np.uint8)
@@ -83,13 +83,13 @@ class Embed:
     def __init__(
         self, model: str, device: str, batch: int, kind: str, normalize: bool, job: dict[str, Any]
     ) -> None:
-        from server.runtime import open_runtime
+        from simclr_embed.inference.runtime import open_runtime
 
         self.runtime = open_runtime(model, device=device, max_batch_size=batch)
         self.kind, self.normalize, self.job = kind, normalize, job
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Any:
-        from server.runtime import select_output
+        from simclr_embed.inference.runtime import select_output
 
         ok = batch["ok"].astype(bool)
         dim = int(self.job["dimension"])

@@ -1,9 +1,9 @@
-"""``python -m evaluation ...`` is ``simclr evaluate ...``."""
+"""``python -m simclr_embed.evaluation ...`` is ``simclr evaluate ...``."""
 
 import logging
 
-from evaluation.cli import main
-from simclr_embed.cli import run_main
+from simclr_embed.errors import run_main
+from simclr_embed.evaluation.cli import main
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -24,12 +24,12 @@ from typing import Any
 
 import torch
 
-from evaluation.data import check_same_classes, list_labeled
-from evaluation.features import build_embedder, embed_paths
-from evaluation.knn import knn_top1
-from evaluation.probe import linear_probe
 from simclr_embed.errors import SimclrError
+from simclr_embed.evaluation.features import build_embedder, embed_paths
+from simclr_embed.evaluation.probe import linear_probe
 from simclr_embed.fileio import atomic_write_text
+from simclr_embed.labeled import check_same_classes, list_labeled
+from simclr_embed.training.knn import knn_top1
 
 log = logging.getLogger(__name__)
 

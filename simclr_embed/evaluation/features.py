@@ -9,7 +9,6 @@ mean/std exactly as the exported graph does, so both give the same features (~1e
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,13 +19,8 @@ import numpy as np
 import torch
 
 from simclr_embed.errors import SimclrError
-from simclr_embed.imageio import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    apply_resize,
-    open_image,
-    resize_policy_for,
-)
+from simclr_embed.imageio import IMAGENET_MEAN, IMAGENET_STD, load_uint8, resize_policy_for
+from simclr_embed.training.augment import normalize_uint8
 
 log = logging.getLogger(__name__)
 
@@ -39,32 +33,6 @@ class Embedder(Protocol):
     description: str
 
     def __call__(self, batch: np.ndarray) -> np.ndarray: ...
-
-
-def _needed_side(size: int, policy: str) -> int:
-    """Shorter side the resize policy scales to: JPEG may be DCT-decoded down to it."""
-    kind, _, arg = policy.partition(":")
-    return round(size / float(arg)) if kind == "shorter-side-crop" and arg else size
-
-
-def load_uint8(path: str | os.PathLike[str], size: int, policy: str) -> np.ndarray:
-    """One image file → uint8 ``[S, S, 3]`` (RGB); ``SimclrError`` naming the file if unreadable."""
-    try:
-        img = open_image(path, draft_size=_needed_side(size, policy))
-        # np.array (a writable copy), not asarray: callers wrap it with torch.from_numpy.
-        return np.array(apply_resize(img, size, policy), dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three on bad data
-        raise SimclrError(f"cannot read image {path}: {exc}") from exc
-
-
-def normalize_uint8(
-    batch: torch.Tensor, mean: Sequence[float], std: Sequence[float]
-) -> torch.Tensor:
-    """uint8 ``[N, S, S, 3]`` → normalized float ``[N, 3, S, S]`` (what the ONNX graph does)."""
-    x = batch.permute(0, 3, 1, 2).float().div_(255.0)  # [N, 3, S, S] in [0, 1]
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x - m) / s
 
 
 class OnnxEmbedder:
@@ -115,8 +83,8 @@ class TorchEmbedder:
     """A training checkpoint through PyTorch (``forward_features`` in eval mode)."""
 
     def __init__(self, path: Path, device: torch.device) -> None:
-        from training.checkpoint import load_checkpoint
-        from training.model import build_model
+        from simclr_embed.training.checkpoint import load_checkpoint
+        from simclr_embed.training.model import build_model
 
         ckpt = load_checkpoint(path)
         cfg = ckpt["config"]

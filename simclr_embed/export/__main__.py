@@ -1,6 +1,6 @@
-"""``python -m export ...`` — same as ``simclr export-onnx ...``."""
+"""``python -m simclr_embed.export ...`` — same as ``simclr export-onnx ...``."""
 
-from export.cli import main
-from simclr_embed.cli import run_main
+from simclr_embed.errors import run_main
+from simclr_embed.export.cli import main
 
 raise SystemExit(run_main(main))

@@ -168,7 +168,7 @@ def parse_config(argv: Sequence[str] | None = None) -> ExportConfig:
 
 
 def _export(cfg: ExportConfig) -> dict[str, Any]:
-    from export.onnx_export import export_checkpoint
+    from simclr_embed.export.onnx_export import export_checkpoint
 
     if not cfg.quantize:
         return export_checkpoint(
@@ -180,7 +180,7 @@ def _export(cfg: ExportConfig) -> dict[str, Any]:
             exporter=cfg.exporter,
             seed=cfg.seed,
         )
-    from export.quantize import quantize_model
+    from simclr_embed.export.quantize import quantize_model
 
     if cfg.calibration_data is not None and not cfg.calibration_data.is_dir():
         # Checked before the (slow) export so a typo costs nothing.
@@ -214,7 +214,7 @@ def _export(cfg: ExportConfig) -> dict[str, Any]:
 
 
 def print_report(report: dict[str, Any]) -> None:
-    from export.verify import format_parity
+    from simclr_embed.export.verify import format_parity
 
     for key in ("parity", "fp32_parity"):
         parity = report.get(key)
@@ -263,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     report = _export(cfg)
     if cfg.triton_repo is not None:
-        from export.triton import write_triton_repo
+        from simclr_embed.export.triton import write_triton_repo
 
         report["triton"] = write_triton_repo(
             cfg.output,
@@ -275,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             kind=cfg.triton_kind,
         )
     if cfg.torch_program is not None:
-        from export.torch_program import export_torch_program
+        from simclr_embed.export.torch_program import export_torch_program
 
         report["torch_program"] = export_torch_program(
             cfg.checkpoint, cfg.torch_program, report["metadata"], verify=cfg.verify, seed=cfg.seed

@@ -30,8 +30,8 @@ from torch import nn
 from simclr_embed.errors import SimclrError
 from simclr_embed.fileio import atomic_path
 from simclr_embed.imageio import IMAGENET_MEAN, IMAGENET_STD, resize_policy_for
-from training.checkpoint import load_checkpoint
-from training.model import SimCLRModel, build_model
+from simclr_embed.training.checkpoint import load_checkpoint
+from simclr_embed.training.model import SimCLRModel, build_model
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ def export_checkpoint(
     """Export ``checkpoint`` to ``output`` (written atomically), verifying it unless told not to.
 
     Returns a report: ``output``, ``metadata`` (all ``simclr.*`` keys), ``exporter``, ``opset``,
-    and with ``verify`` the parity numbers under ``parity`` (see ``export.verify``). On a failed
+    and with ``verify`` the parity numbers under ``parity`` (see ``simclr_embed.export.verify``). On a failed
     check nothing is written at ``output`` and ``SimclrError`` is raised.
     """
     if Path(output).resolve() == Path(checkpoint).resolve():
@@ -255,7 +255,7 @@ def export_checkpoint(
     with atomic_path(output) as tmp:
         onnx.save_model(proto, str(tmp))
         if verify:
-            from export.verify import verify_export  # onnxruntime only when checking
+            from simclr_embed.export.verify import verify_export  # onnxruntime only when checking
 
             reference = encoder if not fp16 else load_encoder(checkpoint)[0]
             report["parity"] = verify_export(tmp, reference, size, fp16=fp16, seed=seed)

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import onnx
 
-from export.onnx_export import META_PREFIX, set_metadata
-from export.verify import OUTPUT_NAMES, cpu_session, random_images, row_cosine
 from simclr_embed.errors import SimclrError
+from simclr_embed.export.onnx_export import META_PREFIX, set_metadata
+from simclr_embed.export.verify import OUTPUT_NAMES, cpu_session, random_images, row_cosine
 from simclr_embed.fileio import atomic_path
 from simclr_embed.imageio import list_images, open_image, to_model_input
 

@@ -21,10 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.onnx_export import INPUT_NAME, load_encoder
-from server.torch_runtime import METADATA_FILE, load_program  # the loader the server uses
 from simclr_embed.errors import SimclrError
+from simclr_embed.export.onnx_export import INPUT_NAME, load_encoder
 from simclr_embed.fileio import atomic_path
+from simclr_embed.inference.torch_runtime import (  # the loader the server uses
+    METADATA_FILE,
+    load_program,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +57,10 @@ def export_torch_program(
     """Write ``output`` (atomically) with ``metadata`` (the ONNX export's ``simclr.*`` keys).
 
     With ``verify`` the saved program is loaded back and checked against the eager model like
-    the ONNX file is (``export.verify.check_parity``, fp32 tolerances: batch 1 and 7, each image
+    the ONNX file is (``simclr_embed.export.verify.check_parity``, fp32 tolerances: batch 1 and 7, each image
     alone = its row of the batch); on a failed check nothing is written.
     """
-    from export.verify import FP32, check_parity, format_parity
+    from simclr_embed.export.verify import FP32, check_parity, format_parity
 
     encoder, ckpt = load_encoder(checkpoint)
     size = int(ckpt["config"]["image_size"])

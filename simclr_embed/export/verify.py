@@ -143,7 +143,7 @@ def verify_export(
 ) -> dict[str, Any]:
     """Check the ONNX file at ``path`` against the PyTorch ``encoder`` (fp32); raise on failure.
 
-    ``encoder``: an ``export.onnx_export.ImageEncoder`` (fp32 reference even for an fp16 export).
+    ``encoder``: an ``simclr_embed.export.onnx_export.ImageEncoder`` (fp32 reference even for an fp16 export).
     """
     import onnx
     import torch

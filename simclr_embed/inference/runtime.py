@@ -288,7 +288,7 @@ def open_runtime(
     """The runtime for a model file: ``.pt2`` → torch (imported only then), else ONNX Runtime."""
     if Path(path).suffix == ".pt2":
         try:
-            from server.torch_runtime import TorchRuntime
+            from simclr_embed.inference.torch_runtime import TorchRuntime
         except ImportError as exc:
             raise SimclrError(
                 f"serving a torch program (.pt2) needs torch ({exc.name} is missing): "

@@ -1,7 +1,7 @@
-"""``python -m neighbors ...`` is ``simclr neighbors ...``."""
+"""``python -m simclr_embed.neighbors ...`` is ``simclr neighbors ...``."""
 
-from neighbors.cli import main
-from simclr_embed.cli import run_main
+from simclr_embed.errors import run_main
+from simclr_embed.neighbors.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(run_main(main))

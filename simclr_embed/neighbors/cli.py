@@ -24,8 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from neighbors.collection import Collection, load_collection
-from neighbors.search import (
+from simclr_embed.errors import SimclrError
+from simclr_embed.fileio import atomic_path, atomic_write_text
+from simclr_embed.neighbors.collection import Collection, load_collection
+from simclr_embed.neighbors.search import (
     INDEXES,
     Group,
     Neighbors,
@@ -36,10 +38,8 @@ from neighbors.search import (
     normalized,
     search,
 )
-from neighbors.sheet import Cell, draw_sheet, save_png
-from server.config import TOKEN_ENV
-from simclr_embed.errors import SimclrError
-from simclr_embed.fileio import atomic_path, atomic_write_text
+from simclr_embed.neighbors.sheet import Cell, draw_sheet, save_png
+from simclr_embed.server.config import TOKEN_ENV
 
 # The highest cosine at which no real photo was paired with a different one (400 CIFAR-10 photos,
 # cpu-quick model, features) while every JPEG-q50 and PNG copy and 97.5 % of the 5 %-crops were
@@ -152,8 +152,8 @@ def write_groups(path: Path, groups: Sequence[Group], paths: Sequence[str]) -> N
 
 def embed_queries(cfg: NeighborsConfig, coll: Collection) -> tuple[list[str], np.ndarray]:
     """The query images' vectors ``[Q, D]``, made like the collection's; unusable ones skipped."""
-    from server.bulk import check_paths, iter_inputs
-    from server.embed_cli import open_engine
+    from simclr_embed.embed.cli import open_engine
+    from simclr_embed.embed.job import check_paths, iter_inputs
 
     check_paths(cfg.queries)
     inputs = [str(p) for p in iter_inputs(cfg.queries)]

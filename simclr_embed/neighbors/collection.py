@@ -23,7 +23,7 @@ import numpy as np
 from simclr_embed.errors import SimclrError
 
 PATHS_SUFFIX = ".paths.txt"
-JOB_FILE = "_simclr_job.json"  # server.embed_store.ParquetStore.job_name
+JOB_FILE = "_simclr_job.json"  # simclr_embed.embed.store.ParquetStore.job_name
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Nearest neighbours and near-duplicate groups of a set of vectors, on FAISS (cosine similarity).
 
-    from neighbors.search import nearest, duplicate_groups
+    from simclr_embed.neighbors.search import nearest, duplicate_groups
     found = nearest(vectors, k=10)                  # every row's 10 nearest other rows
     groups = duplicate_groups(vectors, found, 0.97)  # near-copies, largest group first
 

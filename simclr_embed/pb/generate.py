@@ -3,11 +3,11 @@
 The stubs are committed (so a server image needs no grpcio-tools) and ``tests/server/test_proto.py``
 regenerates them into a temporary folder and compares, so they cannot drift from the .proto.
 
-protoc writes ``from simclr.v1 import embedding_pb2``, which only resolves with ``server/pb`` on
-``sys.path``; the import is rewritten to the package path ``server.pb.simclr.v1``.
+protoc writes ``from simclr.v1 import embedding_pb2``, which only resolves with ``simclr_embed/pb`` on
+``sys.path``; the import is rewritten to the package path ``simclr_embed.pb.simclr.v1``.
 
-    python -m server.pb.generate            # writes server/pb/simclr/v1/
-    python -m server.pb.generate --out DIR  # writes DIR/simclr/v1/ (used by the test)
+    python -m simclr_embed.pb.generate            # writes simclr_embed/pb/simclr/v1/
+    python -m simclr_embed.pb.generate --out DIR  # writes DIR/simclr/v1/ (used by the test)
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 PROTO_ROOT = REPO_ROOT / "proto"
 PROTO_FILES = ("simclr/v1/embedding.proto",)
 DEFAULT_OUT = Path(__file__).resolve().parent
-PACKAGE = "server.pb"
+PACKAGE = "simclr_embed.pb"
 
 _IMPORT_RE = re.compile(r"^from simclr\.v1 import ", re.MULTILINE)
-_INIT_TEXT = "# Generated package marker (server/pb/generate.py).\n"
+_INIT_TEXT = "# Generated package marker (simclr_embed/pb/generate.py).\n"
 
 
 def generate(out_dir: Path, proto_root: Path = PROTO_ROOT) -> list[Path]:
@@ -52,7 +52,7 @@ def generate(out_dir: Path, proto_root: Path = PROTO_ROOT) -> list[Path]:
             text = _IMPORT_RE.sub(f"from {PACKAGE}.simclr.v1 import ", path.read_text())
             path.write_text(text)
             generated.append(path)
-        # Package markers so that `server.pb.simclr.v1` imports as a regular package.
+        # Package markers so that `simclr_embed.pb.simclr.v1` imports as a regular package.
         for parent in (pkg_dir, pkg_dir.parent):
             (parent / "__init__.py").write_text(_INIT_TEXT)
             generated.append(parent / "__init__.py")
@@ -61,7 +61,9 @@ def generate(out_dir: Path, proto_root: Path = PROTO_ROOT) -> list[Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output root [server/pb]")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="output root [simclr_embed/pb]"
+    )
     args = parser.parse_args(argv)
     for path in generate(args.out):
         print(path)

@@ -1,7 +1,8 @@
-"""gRPC embedding server for exported SimCLR models (torch-free: ONNX Runtime, Pillow, grpc.aio).
+"""``simclr serve``: the gRPC embedding server (torch-free: ONNX Runtime, Pillow, grpc.aio).
 
-Layers, each importing only what it needs: ``servicer`` (proto <-> numpy, status codes) →
-``images`` (decode/validate/resize) and ``batcher`` (pure asyncio dynamic batching) → ``runtime``
-(ONNX Runtime). ``app`` wires them with health, reflection, auth, TLS and metrics;
-``client`` is the Python API and ``embed_cli`` the ``simclr embed`` command.
+``core`` is the transport-neutral request path (images in → vectors, per-image errors, timings;
+typed errors); ``servicer`` and ``streaming`` adapt it to ``simclr.v1`` gRPC. Below the core:
+``batcher`` (pure asyncio dynamic batching) and ``simclr_embed.inference`` (decode/resize and the
+model runtimes). ``app`` wires them with health, reflection, auth, TLS, metrics and drain;
+``group`` runs ``--processes N`` workers on one port.
 """

@@ -1,6 +1,6 @@
-"""``python -m server``: the same as ``simclr serve``."""
+"""``python -m simclr_embed.server``: the same as ``simclr serve``."""
 
-from server.cli import main
-from simclr_embed.cli import run_main
+from simclr_embed.errors import run_main
+from simclr_embed.server.cli import main
 
 raise SystemExit(run_main(main))

@@ -33,15 +33,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from PIL import Image
 
-from server.auth import BearerTokenInterceptor
-from server.batcher import DynamicBatcher
-from server.config import ServeConfig
-from server.images import Preprocessor
-from server.metrics import Metrics
-from server.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc
-from server.runtime import Runtime, open_runtime, usable_cores
-from server.servicer import SERVICE_NAME, Backend, EmbeddingServicer
 from simclr_embed.errors import SimclrError
+from simclr_embed.inference.images import Preprocessor
+from simclr_embed.inference.runtime import Runtime, open_runtime, usable_cores
+from simclr_embed.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc
+from simclr_embed.server.auth import BearerTokenInterceptor
+from simclr_embed.server.batcher import DynamicBatcher
+from simclr_embed.server.config import ServeConfig
+from simclr_embed.server.metrics import Metrics
+from simclr_embed.server.servicer import SERVICE_NAME, Backend, EmbeddingServicer
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class EmbeddingServer:
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.max_send_message_length", cfg.max_message_bytes),
                 # Without this a second server on the same port would silently share it; the
-                # workers of one --processes group share it on purpose (server.group).
+                # workers of one --processes group share it on purpose (simclr_embed.server.group).
                 ("grpc.so_reuseport", 1 if cfg.worker else 0),
             ],
         )

@@ -1,4 +1,4 @@
-"""``simclr serve`` / ``python -m server``: parse flags, configure logging, run the server."""
+"""``simclr serve`` / ``python -m simclr_embed.server``: parse flags, configure logging, run the server."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from server.config import build_parser, config_from_args
+from simclr_embed.server.config import build_parser, config_from_args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -19,9 +19,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if cfg.processes > 1:
-        from server.group import run_group
+        from simclr_embed.server.group import run_group
 
         return run_group(cfg, argv)
-    from server.app import serve  # after logging is set up: grpc/onnxruntime import here
+    from simclr_embed.server.app import (
+        serve,  # after logging is set up: grpc/onnxruntime import here
+    )
 
     return asyncio.run(serve(cfg))

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.images import DEFAULT_MAX_PIXELS
+from simclr_embed.inference.images import DEFAULT_MAX_PIXELS
 
 TOKEN_ENV = "SIMCLR_AUTH_TOKEN"
 # Kubernetes removes a terminating pod from its Services while it sends SIGTERM; kube-proxy,
@@ -24,7 +24,7 @@ class ServeConfig:
     device: str = "auto"
     max_batch_size: int = 32
     max_delay_ms: float = 2.0
-    batching: str = "continuous"  # continuous | delay (server.batcher)
+    batching: str = "continuous"  # continuous | delay (simclr_embed.server.batcher)
     max_queue: int = 1024
     max_request_images: int = 1024
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -33,7 +33,7 @@ class ServeConfig:
     intra_op_threads: int = 0  # 0: usable cores / max_inflight
     tensorrt: bool = False
     precision: str = "auto"  # torch runtime (.pt2) only
-    model_calls: str = "auto"  # auto | threads | loop (server.batcher "inline")
+    model_calls: str = "auto"  # auto | threads | loop (simclr_embed.server.batcher "inline")
     metrics_port: int | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -42,8 +42,10 @@ class ServeConfig:
     drain_delay_s: float = DEFAULT_DRAIN_DELAY_S
     max_message_mb: int = 64
     log_level: str = "info"
-    processes: int = 1  # >1: server.group runs that many workers on the port
-    worker: tuple[int, int] | None = None  # (i, N): one worker of a group (server.group)
+    processes: int = 1  # >1: simclr_embed.server.group runs that many workers on the port
+    worker: tuple[int, int] | None = (
+        None  # (i, N): one worker of a group (simclr_embed.server.group)
+    )
     ready_file: Path | None = None
 
     @property

@@ -3,7 +3,7 @@
 One Python process serves a few thousand small requests per second — its event loop, gRPC's
 per-call work and proto building are the ceiling, not the model (docs/benchmarks.md,
 "Serving overhead"). On a GPU node that is less than the GPU can embed, so this starts N
-ordinary ``python -m server`` processes that bind the same port with ``SO_REUSEPORT`` (the kernel
+ordinary ``python -m simclr_embed.server`` processes that bind the same port with ``SO_REUSEPORT`` (the kernel
 spreads new connections over them), each with its own batcher and runtime — on one GPU that is N
 ONNX Runtime sessions and N CUDA streams, like Triton's instance groups — and CPU threads split
 between them. This supervisor process:
@@ -34,9 +34,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from server.app import _address, _touch_atomically
-from server.config import ServeConfig
-from server.runtime import usable_cores
+from simclr_embed.inference.runtime import usable_cores
+from simclr_embed.server.app import _address, _touch_atomically
+from simclr_embed.server.config import ServeConfig
 
 log = logging.getLogger(__name__)
 

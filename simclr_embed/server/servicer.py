@@ -18,20 +18,20 @@ from typing import NoReturn
 import grpc
 import numpy as np
 
-from server.batcher import (
+from simclr_embed.inference.images import ImageError, Preprocessor
+from simclr_embed.inference.runtime import ModelInfo, select_output
+from simclr_embed.pb.simclr.v1 import embedding_pb2 as pb
+from simclr_embed.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc
+from simclr_embed.server.batcher import (
     BatcherStoppedError,
     DeadlineExceededError,
     DynamicBatcher,
     QueueFullError,
 )
-from server.images import ImageError, Preprocessor
-from server.metrics import Metrics
-from server.pb.simclr.v1 import embedding_pb2 as pb
-from server.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc
-from server.rpc import RpcFailure, abort, caller_gone, gone_code
-from server.runtime import ModelInfo, select_output
-from server.streaming import stream_responses
-from server.wire import embeddings_wire
+from simclr_embed.server.metrics import Metrics
+from simclr_embed.server.rpc import RpcFailure, abort, caller_gone, gone_code
+from simclr_embed.server.streaming import stream_responses
+from simclr_embed.server.wire import embeddings_wire
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     async def EmbedStream(
         self, request_iterator: AsyncIterator[pb.EmbedRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.EmbedResponse]:
-        """See ``server.streaming``: the messages of one stream through the same path as Embed."""
+        """See ``simclr_embed.server.streaming``: the messages of one stream through the same path as Embed."""
         if not self._enter(context):
             await abort(context, grpc.StatusCode.UNAVAILABLE, self._refusal)
         try:
@@ -296,7 +296,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             good = [i for i in range(n) if i not in bad]
             matrix[good] = vectors
             response.packed_embeddings = matrix.tobytes()
-        else:  # repeated Embedding, laid out as wire bytes (server.wire: ~40x cheaper)
+        else:  # repeated Embedding, laid out as wire bytes (simclr_embed.server.wire: ~40x cheaper)
             response.MergeFromString(embeddings_wire(vectors, n, bad))
         return response
 

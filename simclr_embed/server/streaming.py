@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from server.pb.simclr.v1 import embedding_pb2 as pb
-from server.rpc import RpcFailure
+from simclr_embed.pb.simclr.v1 import embedding_pb2 as pb
+from simclr_embed.server.rpc import RpcFailure
 
 if TYPE_CHECKING:
-    from server.servicer import EmbeddingServicer
+    from simclr_embed.server.servicer import EmbeddingServicer
 
 log = logging.getLogger(__name__)
 

@@ -136,3 +136,13 @@ def apply_per_sample(transform: v2.Transform, batch: torch.Tensor) -> torch.Tens
     at once would share one draw of its parameters across all N images.
     """
     return torch.stack([transform(x) for x in batch])
+
+
+def normalize_uint8(
+    batch: torch.Tensor, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """uint8 ``[N, S, S, 3]`` → normalized float ``[N, 3, S, S]`` (what the ONNX graph does)."""
+    x = batch.permute(0, 3, 1, 2).float().div_(255.0)  # [N, 3, S, S] in [0, 1]
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s

@@ -1,11 +1,11 @@
-"""``simclr train`` / ``python -m training`` / ``torchrun ... -m training``: parse, log, train."""
+"""``simclr train`` / ``python -m simclr_embed.training`` / ``torchrun ... -m simclr_embed.training``: parse, log, train."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
 
-from training.config import parse_config
+from simclr_embed.training.config import parse_config
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -15,6 +15,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    from training.train import main as train_main
+    from simclr_embed.training.train import main as train_main
 
     return train_main(cfg)

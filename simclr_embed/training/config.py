@@ -19,7 +19,7 @@ from typing import Any
 
 from simclr_embed.imageio import IMAGENET_MEAN, IMAGENET_STD, resize_policy_for
 
-# The ResNet trunks and stems training.model builds; here so `--help` needs no torch import.
+# The ResNet trunks and stems simclr_embed.training.model builds; here so `--help` needs no torch import.
 STEMS = ("small", "medium", "standard")
 ARCHS = (
     "resnet18",

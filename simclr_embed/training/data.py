@@ -6,7 +6,7 @@ process can warn about it once and count it (workers are separate processes: a w
 kept in a worker would be invisible or lost). The batch size therefore stays fixed.
 
 The sampler yields ``(index, epoch)`` keys. The dataset derives each sample's augmentation seed
-from ``(seed, epoch, index)`` (see ``training.augment``): with persistent workers the dataset copy
+from ``(seed, epoch, index)`` (see ``simclr_embed.training.augment``): with persistent workers the dataset copy
 inside a worker never sees ``set_epoch`` calls made in the main process, and worker RNG streams
 depend on how samples are spread over workers — per-sample seeds make the views independent of
 both, so a resumed run, with any ``--workers``, sees the same views as an uninterrupted one.
@@ -23,8 +23,8 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from simclr_embed.errors import SimclrError
 from simclr_embed.imageio import IMAGE_EXTENSIONS, list_images, open_image
-from training.augment import SimCLRAugment, sample_seed
-from training.preemption import ignore_in_worker
+from simclr_embed.training.augment import SimCLRAugment, sample_seed
+from simclr_embed.training.preemption import ignore_in_worker
 
 # How many substitutes one sample tries before the batch is declared unusable (all bad).
 MAX_SUBSTITUTES = 16

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from training.augment import blur_kernel_size
+from simclr_embed.training.augment import blur_kernel_size
 
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
@@ -130,7 +130,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> tor
 class DeviceAppearance:
     """uint8 ``[N, 3, S, S]`` (any device) → normalized float32 views, per-image random.
 
-    Args mirror ``training.augment.appearance_transform``.
+    Args mirror ``simclr_embed.training.augment.appearance_transform``.
     """
 
     def __init__(

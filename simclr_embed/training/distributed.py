@@ -6,12 +6,12 @@ Every helper is correct without torchrun (one process, no process group): ``rank
 
 Launch (one node, 8 GPUs)::
 
-    torchrun --standalone --nproc-per-node 8 -m training --data DIR --out OUT
+    torchrun --standalone --nproc-per-node 8 -m simclr_embed.training --data DIR --out OUT
 
 Several nodes (run on each, same endpoint)::
 
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d \\
-        --rdzv-endpoint HOST:29500 --rdzv-id simclr -m training --data DIR --out OUT
+        --rdzv-endpoint HOST:29500 --rdzv-id simclr -m simclr_embed.training --data DIR --out OUT
 """
 
 from __future__ import annotations

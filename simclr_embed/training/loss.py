@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from training import distributed
+from simclr_embed.training import distributed
 
 # Added to self-similarity logits: exp() underflows to exactly 0 in float32, and unlike -inf it
 # never meets a 0 (no -inf·0 = NaN in the gradient or in the softmax).
@@ -102,7 +102,7 @@ def nt_xent_loss_and_accuracy(
 
     Accuracy is the fraction of this rank's 2N anchors whose most similar candidate among all
     2·N·W − 1 others is their positive (a detached float32 scalar; average it over ranks with
-    :func:`training.distributed.all_reduce_mean` for logging).
+    :func:`simclr_embed.training.distributed.all_reduce_mean` for logging).
     """
     logits, targets = _logits_and_targets(z1, z2, temperature)
     loss = F.cross_entropy(logits, targets)

@@ -14,9 +14,9 @@ import torch
 import torchvision
 from torch import nn
 
-from training.config import ARCHS, STEMS
+from simclr_embed.training.config import ARCHS, STEMS
 
-RESNETS = ARCHS  # the list lives in training.config, which --help reads without torch
+RESNETS = ARCHS  # the list lives in simclr_embed.training.config, which --help reads without torch
 
 
 def default_stem(image_size: int) -> str:

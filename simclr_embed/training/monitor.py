@@ -1,7 +1,7 @@
 """The ``--eval-data`` monitor: weighted kNN top-1 (k=20, cosine, T=0.07) of backbone features.
 
-The labeled folder is read with the evaluator's reader (``evaluation.data.list_labeled``) and the
-serving/eval preprocessing (``evaluation.features.load_uint8``: ``apply_resize`` with
+The labeled folder is read with the evaluator's reader (``simclr_embed.labeled.list_labeled``) and the
+serving/eval preprocessing (``simclr_embed.imageio.load_uint8``: ``apply_resize`` with
 ``resize_policy_for(S)``, then the training mean/std), so the number tracks what ``simclr
 evaluate`` will report. If the folder has ``train/`` and ``val/`` subfolders they are the bank
 and the queries; otherwise a deterministic stratified split puts every 4th file of each class in
@@ -19,12 +19,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from evaluation.data import check_same_classes, list_labeled
-from evaluation.features import load_uint8, normalize_uint8
-from evaluation.knn import knn_top1
 from simclr_embed.errors import SimclrError
-from simclr_embed.imageio import resize_policy_for
-from training.preemption import ignore_in_worker
+from simclr_embed.imageio import load_uint8, resize_policy_for
+from simclr_embed.labeled import check_same_classes, list_labeled
+from simclr_embed.training.augment import normalize_uint8
+from simclr_embed.training.knn import knn_top1
+from simclr_embed.training.preemption import ignore_in_worker
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 SLURM (``sbatch --signal``), Kubernetes, spot instances and ``torchrun`` itself stop a run with
 a signal. The handler only records it; the training loop asks :meth:`StopRequest.agreed` at every
-step boundary, which every rank answers together (``training.distributed.any_rank``: the signal
+step boundary, which every rank answers together (``simclr_embed.training.distributed.any_rank``: the signal
 may reach ranks at different moments, or only rank 0), so all ranks stop after the same step,
 rank 0 writes one ``last.pt``, and nobody waits in a collective the others left. A second signal
 while that happens is only logged: the checkpoint is written atomically either way, and torchrun
@@ -18,7 +18,7 @@ import signal
 from types import FrameType
 from typing import Any
 
-from training import distributed as dist
+from simclr_embed.training import distributed as dist
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from training import distributed as dist
+from simclr_embed.training import distributed as dist
 
 logger = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from simclr_embed.errors import SimclrError
-from training import distributed as dist
-from training.checkpoint import load_checkpoint, restore_rng_state
+from simclr_embed.training import distributed as dist
+from simclr_embed.training.checkpoint import load_checkpoint, restore_rng_state
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -1,4 +1,4 @@
-"""Run set-up pieces of ``training.train``: precision, seeding, the model, the resolved config."""
+"""Run set-up pieces of ``simclr_embed.training.train``: precision, seeding, the model, the resolved config."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from simclr_embed.errors import SimclrError
-from training.config import TrainConfig
-from training.model import SimCLRModel, load_init_weights
-from training.optim import scaled_lr
+from simclr_embed.training.config import TrainConfig
+from simclr_embed.training.model import SimCLRModel, load_init_weights
+from simclr_embed.training.optim import scaled_lr
 
 logger = logging.getLogger(__name__)
 

@@ -2,11 +2,11 @@
 
 Single process (GPU if there is one)::
 
-    python -m training --data DIR --out runs/a
+    python -m simclr_embed.training --data DIR --out runs/a
 
 One node, 8 GPUs (DDP, SyncBatchNorm, negatives gathered from all GPUs)::
 
-    torchrun --standalone --nproc-per-node 8 -m training --data DIR --out runs/a
+    torchrun --standalone --nproc-per-node 8 -m simclr_embed.training --data DIR --out runs/a
 
 Several nodes: the same command on each, plus ``--nnodes M --rdzv-backend c10d
 --rdzv-endpoint HOST:29500 --rdzv-id RUN``. ``--batch-size`` is per process; the lr is scaled by
@@ -31,18 +31,22 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from simclr_embed.errors import SimclrError
 from simclr_embed.fileio import atomic_write_text
-from training import distributed as dist
-from training.augment import SimCLRAugment
-from training.checkpoint import capture_rng_state, save_checkpoint
-from training.config import TrainConfig
-from training.data import build_train_loader, find_images
-from training.device_augment import DeviceAppearance, resolve_augment_on, step_generator
-from training.loss import nt_xent_loss_and_accuracy
-from training.optim import build_optimizer, warmup_cosine
-from training.preemption import StopRequest
-from training.reporting import Reporter
-from training.resume import agree, load_resume_state, prepare_out_dir
-from training.setup import build_model, resolve_precision, resolve_run, seed_everything
+from simclr_embed.training import distributed as dist
+from simclr_embed.training.augment import SimCLRAugment
+from simclr_embed.training.checkpoint import capture_rng_state, save_checkpoint
+from simclr_embed.training.config import TrainConfig
+from simclr_embed.training.data import build_train_loader, find_images
+from simclr_embed.training.device_augment import (
+    DeviceAppearance,
+    resolve_augment_on,
+    step_generator,
+)
+from simclr_embed.training.loss import nt_xent_loss_and_accuracy
+from simclr_embed.training.optim import build_optimizer, warmup_cosine
+from simclr_embed.training.preemption import StopRequest
+from simclr_embed.training.reporting import Reporter
+from simclr_embed.training.resume import agree, load_resume_state, prepare_out_dir
+from simclr_embed.training.setup import build_model, resolve_precision, resolve_run, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +233,7 @@ def _run(cfg: TrainConfig, device: torch.device, stop: StopRequest) -> None:
 
     eval_sets = None
     if cfg.eval_data:  # read on rank 0; a bad folder stops every rank with the same message
-        from training.monitor import load_eval_sets
+        from simclr_embed.training.monitor import load_eval_sets
 
         eval_sets = agree(lambda: load_eval_sets(cfg.eval_data, cfg.image_size))
     if dist.is_primary():
@@ -289,7 +293,7 @@ def _run(cfg: TrainConfig, device: torch.device, stop: StopRequest) -> None:
     def knn() -> None:
         nonlocal last_eval
         if eval_sets is not None:  # rank 0 only; the others wait at the barrier
-            from training.monitor import knn_monitor
+            from simclr_embed.training.monitor import knn_monitor
 
             top1 = knn_monitor(
                 raw_model,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from training.config import parse_config
+from simclr_embed.training.config import parse_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

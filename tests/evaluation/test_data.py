@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from evaluation.data import check_same_classes, list_labeled
 from simclr_embed.errors import SimclrError
+from simclr_embed.labeled import check_same_classes, list_labeled
 from tests.conftest import write_image_folder
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from evaluation.features import (
+from simclr_embed.errors import SimclrError
+from simclr_embed.evaluation.features import (
     OnnxEmbedder,
     PixelEmbedder,
     TorchEmbedder,
@@ -17,7 +18,6 @@ from evaluation.features import (
     load_uint8,
     normalize_uint8,
 )
-from simclr_embed.errors import SimclrError
 from simclr_embed.imageio import list_images
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from evaluation.knn import knn_predict, knn_top1
+from simclr_embed.training.knn import knn_predict, knn_top1
 
 
 def brute_force_knn(

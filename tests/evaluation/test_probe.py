@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from evaluation.probe import (
+from simclr_embed.evaluation.probe import (
     DEFAULT_L2_GRID,
     fit_linear,
     holdout_split,

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
+from simclr_embed.training.model import SimCLRModel, build_model
 from tests.conftest import write_checkpoint
-from training.model import SimCLRModel, build_model
 
 
 def torch_reference(checkpoint: Path, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -54,7 +54,7 @@ def exported_tiny(
     tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, dict]:
     """The tiny checkpoint through the default path (dynamo, opset 18, verified): (file, report)."""
-    from export.onnx_export import export_checkpoint
+    from simclr_embed.export.onnx_export import export_checkpoint
 
     out = tmp_path_factory.mktemp("export") / "tiny.onnx"
     return out, export_checkpoint(tiny_checkpoint, out)

@@ -1,4 +1,4 @@
-"""``simclr export-onnx`` / ``python -m export``: exit codes, one-line errors, end to end from a
+"""``simclr export-onnx`` / ``python -m simclr_embed.export``: exit codes, one-line errors, end to end from a
 checkpoint written by the real trainer."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import onnx
 import pytest
 import torch
 
-from export.cli import main
 from simclr_embed import cli as simclr_cli
-from simclr_embed.cli import run_main
-from training.checkpoint import FORMAT
+from simclr_embed.errors import run_main
+from simclr_embed.export.cli import main
+from simclr_embed.training.checkpoint import FORMAT
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -115,7 +115,7 @@ def test_missing_calibration_folder_fails_before_exporting(tiny_checkpoint, tmp_
 @pytest.fixture(scope="module")
 def trained_checkpoint(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One real optimizer step of the real trainer (resnet18, 32 px): its checkpoint format."""
-    from training.cli import main as train_main
+    from simclr_embed.training.cli import main as train_main
 
     out = tmp_path_factory.mktemp("run")
     code = train_main(
@@ -150,7 +150,7 @@ def trained_checkpoint(image_folder: Path, tmp_path_factory: pytest.TempPathFact
 
 
 def test_end_to_end_module_cli(trained_checkpoint, tmp_path):
-    """python -m export on a trained checkpoint: fp32 verified, int8 (dynamic), Triton repo."""
+    """python -m simclr_embed.export on a trained checkpoint: fp32 verified, int8 (dynamic), Triton repo."""
     out = tmp_path / "model-int8.onnx"
     repo = tmp_path / "triton"
     cmd = [

@@ -15,9 +15,9 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from export import verify
-from export.onnx_export import export_checkpoint, weights_version
 from simclr_embed.errors import SimclrError
+from simclr_embed.export import verify
+from simclr_embed.export.onnx_export import export_checkpoint, weights_version
 from simclr_embed.imageio import resize_policy_for
 from tests.export.conftest import cosine_rows, ort_session, torch_reference, uint8_images
 

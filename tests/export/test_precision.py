@@ -8,9 +8,9 @@ from pathlib import Path
 import onnx
 import pytest
 
-from export.onnx_export import export_checkpoint
-from export.quantize import INT8_MEAN_FEATURE_COSINE, INT8_MIN_COSINE, quantize_model
 from simclr_embed.errors import SimclrError
+from simclr_embed.export.onnx_export import export_checkpoint
+from simclr_embed.export.quantize import INT8_MEAN_FEATURE_COSINE, INT8_MIN_COSINE, quantize_model
 from tests.export.conftest import cosine_rows, ort_session, torch_reference, uint8_images
 
 
@@ -106,7 +106,7 @@ def test_int8_bad_calibration_folder(exported_tiny, tmp_path):
 
 
 def test_int8_failed_fidelity_leaves_nothing(exported_tiny, tmp_path, monkeypatch):
-    import export.quantize as quantize
+    import simclr_embed.export.quantize as quantize
 
     monkeypatch.setattr(quantize, "INT8_MIN_COSINE", 1.5)  # unreachable
     out = tmp_path / "sub" / "int8.onnx"

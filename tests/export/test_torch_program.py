@@ -12,12 +12,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from export.cli import main
-from server.client import EmbeddingClient
-from server.runtime import OnnxRuntime, open_runtime
-from server.torch_runtime import TorchRuntime, load_program
-from simclr_embed.cli import run_main
-from simclr_embed.errors import SimclrError
+from simclr_embed.client.blocking import EmbeddingClient
+from simclr_embed.errors import SimclrError, run_main
+from simclr_embed.export.cli import main
+from simclr_embed.inference.runtime import OnnxRuntime, open_runtime
+from simclr_embed.inference.torch_runtime import TorchRuntime, load_program
 from tests.export.conftest import torch_reference
 from tests.server.conftest import ServerThread, serve_config
 
@@ -128,7 +127,7 @@ def test_bad_programs_and_flags(exported: tuple[Path, Path], tmp_path: Path, cap
 def test_without_torch_the_server_names_the_extra(tmp_path: Path) -> None:
     code = (
         "import sys; sys.modules['torch'] = None\n"  # as if torch were not installed
-        "from server.runtime import open_runtime\n"
+        "from simclr_embed.inference.runtime import open_runtime\n"
         "from simclr_embed.errors import SimclrError\n"
         "try:\n"
         f"    open_runtime({str(tmp_path / 'm.pt2')!r})\n"

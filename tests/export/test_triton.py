@@ -15,7 +15,7 @@ import onnx
 import pytest
 from google.protobuf import text_format
 
-from export.triton import write_triton_repo
+from simclr_embed.export.triton import write_triton_repo
 
 MODEL_CONFIG_SUBSET = """
 syntax = "proto3";

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from neighbors.sheet import sheet_size
 from simclr_embed.cli import main as simclr
+from simclr_embed.neighbors.sheet import sheet_size
 from tests.neighbors.test_search import brute_force
 from tests.server.conftest import ServerThread, photo, serve_config
 

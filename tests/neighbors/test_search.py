@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from neighbors.search import build_index, duplicate_groups, nearest, normalized, search
 from simclr_embed.errors import SimclrError
+from simclr_embed.neighbors.search import build_index, duplicate_groups, nearest, normalized, search
 
 
 def brute_force(vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

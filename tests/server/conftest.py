@@ -22,8 +22,8 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from server.app import EmbeddingServer
-from server.config import ServeConfig
+from simclr_embed.server.app import EmbeddingServer
+from simclr_embed.server.config import ServeConfig
 
 
 class ServerThread:
@@ -66,7 +66,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 class ServerProcess:
-    """``python -m server ARGS`` as a real process; its stderr is collected in ``lines``."""
+    """``python -m simclr_embed.server ARGS`` as a real process; its stderr is collected in ``lines``."""
 
     def __init__(self, *args: str) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}

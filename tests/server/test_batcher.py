@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from server.batcher import (
+from simclr_embed.server.batcher import (
     BatcherStoppedError,
     DeadlineExceededError,
     DynamicBatcher,

@@ -16,10 +16,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from server.bulk import JobConfig, run_job
-from server.codec import EmbedBatch
-from server.offline import OfflineEmbedder
 from simclr_embed.cli import main as simclr
+from simclr_embed.client.codec import EmbedBatch
+from simclr_embed.embed.job import JobConfig, run_job
+from simclr_embed.embed.offline import OfflineEmbedder
 from simclr_embed.imageio import open_image, to_model_input
 from tests.conftest import write_image_folder
 from tests.server.collection import write_collection

@@ -1,4 +1,4 @@
-"""``simclr embed`` end to end, and ``python -m server`` as a process: drain, exit codes, no torch."""
+"""``simclr embed`` end to end, and ``python -m simclr_embed.server`` as a process: drain, exit codes, no torch."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import grpc
 import numpy as np
 import pytest
 
-from server.client import EmbeddingClient
-from server.pb.simclr.v1 import embedding_pb2 as pb
-from server.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc
 from simclr_embed.cli import main as simclr
+from simclr_embed.client.blocking import EmbeddingClient
 from simclr_embed.imageio import list_images
+from simclr_embed.pb.simclr.v1 import embedding_pb2 as pb
+from simclr_embed.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc
 from tests.conftest import write_image_folder
 from tests.server.conftest import ServerProcess, ServerThread
 
@@ -159,7 +159,7 @@ def test_sigterm_drains_the_request_in_flight_then_exits_0(tiny_onnx: Path) -> N
 def test_server_never_imports_torch() -> None:
     code = (
         "import sys\n"
-        "import server.app, server.cli, server.client, server.embed_cli, server.runtime\n"
+        "import simclr_embed.server.app, simclr_embed.server.cli, simclr_embed.client.blocking, simclr_embed.embed.cli, simclr_embed.inference.runtime\n"
         "bad = sorted(m for m in ('torch', 'torchvision', 'training', 'export') if m in sys.modules)\n"
         "assert not bad, bad\n"
     )

@@ -14,8 +14,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from server.pb.simclr.v1 import embedding_pb2 as pb
-from server.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc
+from simclr_embed.pb.simclr.v1 import embedding_pb2 as pb
+from simclr_embed.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc
 from tests.server.conftest import ServerThread, encode, photo, reference, serve_config
 from tests.server.test_images import png_claiming
 
@@ -205,7 +205,7 @@ def test_not_serving_and_unavailable_until_the_model_is_warm(tiny_onnx: Path) ->
     import asyncio
     import threading
 
-    from server.app import EmbeddingServer
+    from simclr_embed.server.app import EmbeddingServer
 
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)

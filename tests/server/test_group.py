@@ -18,10 +18,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from server.config import build_parser, config_from_args
-from server.group import worker_argv
-from server.pb.simclr.v1 import embedding_pb2 as pb
-from server.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc
+from simclr_embed.pb.simclr.v1 import embedding_pb2 as pb
+from simclr_embed.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc
+from simclr_embed.server.config import build_parser, config_from_args
+from simclr_embed.server.group import worker_argv
 from tests.server.conftest import ServerProcess, reference
 
 pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.images import ImageError, Preprocessor
 from simclr_embed.imageio import open_image, to_model_input
+from simclr_embed.inference.images import ImageError, Preprocessor
 from tests.server.conftest import encode, photo
 
 

@@ -11,9 +11,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from server.client import AsyncEmbeddingClient, EmbeddingClient, EmbedResult
-from server.pb.simclr.v1 import embedding_pb2 as pb
-from server.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc
+from simclr_embed.client.blocking import AsyncEmbeddingClient, EmbeddingClient, EmbedResult
+from simclr_embed.pb.simclr.v1 import embedding_pb2 as pb
+from simclr_embed.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc
 from tests.server.conftest import ServerThread, encode, photo, reference
 
 S = 32

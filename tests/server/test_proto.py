@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from server.pb import generate
-from server.pb.simclr.v1 import embedding_pb2, embedding_pb2_grpc
+from simclr_embed.pb import generate
+from simclr_embed.pb.simclr.v1 import embedding_pb2, embedding_pb2_grpc
 
 COMMITTED = Path(generate.__file__).resolve().parent
 
@@ -45,7 +45,7 @@ def test_stubs_are_current(tmp_path: Path) -> None:
         )
     for name in names:
         assert (tmp_path / name).read_text() == (COMMITTED / name).read_text(), name
-    assert "from server.pb.simclr.v1 import embedding_pb2" in fresh_grpc
+    assert "from simclr_embed.pb.simclr.v1 import embedding_pb2" in fresh_grpc
 
 
 def test_field_numbers_are_the_contract() -> None:

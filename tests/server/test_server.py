@@ -14,9 +14,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
-from server.client import EmbeddingClient
-from server.pb.simclr.v1 import embedding_pb2 as pb
-from server.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc
+from simclr_embed.client.blocking import EmbeddingClient
+from simclr_embed.pb.simclr.v1 import embedding_pb2 as pb
+from simclr_embed.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc
 from tests.server.conftest import ServerThread, encode, photo, reference, serve_config
 
 S = 32  # the tiny model's input size; its resize policy is a plain bicubic resize to S×S
@@ -135,7 +135,7 @@ def test_client_chunks_large_lists_and_keeps_order(
 def test_async_client(server: ServerThread, reference_session: ort.InferenceSession) -> None:
     import asyncio
 
-    from server.client import AsyncEmbeddingClient
+    from simclr_embed.client.blocking import AsyncEmbeddingClient
 
     pics = [np.asarray(photo(S, S, seed=50 + i)) for i in range(5)]
 

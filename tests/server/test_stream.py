@@ -15,10 +15,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from server.client import EmbeddingClient
-from server.pb.simclr.v1 import embedding_pb2 as pb
-from server.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc
-from server.streaming import WINDOW
+from simclr_embed.client.blocking import EmbeddingClient
+from simclr_embed.pb.simclr.v1 import embedding_pb2 as pb
+from simclr_embed.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc
+from simclr_embed.server.streaming import WINDOW
 from tests.server.conftest import ServerThread, photo, reference, serve_config
 
 S = 32

@@ -9,7 +9,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from simclr_embed.imageio import IMAGENET_MEAN, IMAGENET_STD
-from training.augment import (
+from simclr_embed.training.augment import (
     SimCLRAugment,
     appearance_transform,
     apply_per_sample,

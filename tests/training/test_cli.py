@@ -1,4 +1,4 @@
-"""`simclr train` / `python -m training`: exit 2 on bad usage, exit 1 with one clear line otherwise."""
+"""`simclr train` / `python -m simclr_embed.training`: exit 2 on bad usage, exit 1 with one clear line otherwise."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import torch
 import torchvision
 
 from simclr_embed.cli import main as simclr_main
-from simclr_embed.cli import run_main
+from simclr_embed.errors import run_main
+from simclr_embed.training.cli import main
 from tests.conftest import write_image_folder
-from training.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = [

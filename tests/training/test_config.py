@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from training.config import ARCHS, TrainConfig, get_args_parser, parse_config
+from simclr_embed.training.config import ARCHS, TrainConfig, get_args_parser, parse_config
 
 REQ = ["--data", "d", "--out", "o"]
 
@@ -173,7 +173,7 @@ def test_contract_flags_exist() -> None:
 
 
 def test_arch_list_matches_model() -> None:
-    from training.model import RESNETS
+    from simclr_embed.training.model import RESNETS
 
     assert tuple(ARCHS) == tuple(RESNETS)
 

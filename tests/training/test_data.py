@@ -11,15 +11,15 @@ import torch
 from PIL import Image
 
 from simclr_embed.errors import SimclrError
-from tests.conftest import write_image_folder
-from training.augment import SimCLRAugment
-from training.data import (
+from simclr_embed.training.augment import SimCLRAugment
+from simclr_embed.training.data import (
     ResumableSampler,
     UnlabeledImages,
     build_train_loader,
     collate_views,
     find_images,
 )
+from tests.conftest import write_image_folder
 
 
 class RecordingAugment(SimCLRAugment):

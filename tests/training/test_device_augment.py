@@ -11,8 +11,8 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from training.augment import blur_kernel_size
-from training.device_augment import (
+from simclr_embed.training.augment import blur_kernel_size
+from simclr_embed.training.device_augment import (
     OPS,
     AppearanceParams,
     DeviceAppearance,
@@ -152,9 +152,9 @@ def test_both_paths_learn_alike_in_a_short_cpu_run(
     import logging
     import re
 
-    from simclr_embed.cli import run_main
-    from simclr_embed.sample_data import generate
-    from training.cli import main
+    from simclr_embed.demo.sample_data import generate
+    from simclr_embed.errors import run_main
+    from simclr_embed.training.cli import main
 
     root = tmp_path_factory.mktemp("paths")
     generate(root / "data", per_class=24, size=32, seed=0)

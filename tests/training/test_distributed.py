@@ -1,4 +1,4 @@
-"""training.distributed without torchrun: one process, no process group, identities.
+"""simclr_embed.training.distributed without torchrun: one process, no process group, identities.
 
 The multi-process behaviour (real gloo group) is tested in test_loss_ddp.py.
 """
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from simclr_embed.errors import SimclrError
-from training import distributed
+from simclr_embed.training import distributed
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from training.loss import nt_xent_loss, nt_xent_loss_and_accuracy
+from simclr_embed.training.loss import nt_xent_loss, nt_xent_loss_and_accuracy
 
 
 def paper_loss(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:

@@ -14,8 +14,8 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from training import distributed
-from training.loss import nt_xent_loss, nt_xent_loss_and_accuracy
+from simclr_embed.training import distributed
+from simclr_embed.training.loss import nt_xent_loss, nt_xent_loss_and_accuracy
 
 pytestmark = [pytest.mark.ddp, pytest.mark.timeout(180)]
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from simclr_embed.training.model import SimCLRModel, build_model
 from tests.conftest import write_checkpoint
-from training.model import SimCLRModel, build_model
 
 
 @pytest.mark.parametrize(("stem", "side"), [("small", 32), ("medium", 16), ("standard", 8)])
@@ -31,7 +31,7 @@ def test_unknown_stem_is_refused() -> None:
 def test_medium_stem_checkpoint_exports_with_parity(tmp_path: Path) -> None:
     import onnxruntime as ort
 
-    from export.onnx_export import export_checkpoint
+    from simclr_embed.export.onnx_export import export_checkpoint
 
     torch.manual_seed(0)
     cfg = {"arch": "resnet18", "stem": "medium", "image_size": 32, "proj_dim": 16}

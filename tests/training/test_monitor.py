@@ -10,9 +10,9 @@ import torch
 
 from simclr_embed.errors import SimclrError
 from simclr_embed.imageio import IMAGENET_MEAN, IMAGENET_STD
+from simclr_embed.training.model import SimCLRModel
+from simclr_embed.training.monitor import extract_features, knn_monitor, load_eval_sets
 from tests.conftest import write_image_folder
-from training.model import SimCLRModel
-from training.monitor import extract_features, knn_monitor, load_eval_sets
 
 
 def test_flat_folder_is_split_every_fourth_image_per_class(tmp_path: Path) -> None:

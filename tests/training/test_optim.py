@@ -10,8 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from training.model import SimCLRModel
-from training.optim import LARS, build_optimizer, param_groups, scaled_lr, warmup_cosine
+from simclr_embed.training.model import SimCLRModel
+from simclr_embed.training.optim import (
+    LARS,
+    build_optimizer,
+    param_groups,
+    scaled_lr,
+    warmup_cosine,
+)
 
 
 def _ids(params) -> set[int]:

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from simclr_embed.cli import run_main
+from simclr_embed.errors import run_main
+from simclr_embed.training.checkpoint import load_checkpoint
+from simclr_embed.training.cli import main
 from tests.conftest import write_image_folder
-from training.checkpoint import load_checkpoint
-from training.cli import main
 
 pytestmark = pytest.mark.slow
 

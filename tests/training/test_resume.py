@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from simclr_embed.cli import run_main
-from tests.conftest import write_image_folder
-from training.checkpoint import (
+from simclr_embed.errors import run_main
+from simclr_embed.training.checkpoint import (
     capture_rng_state,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
-from training.cli import main
+from simclr_embed.training.cli import main
+from tests.conftest import write_image_folder
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.config import parse_config
-from training.setup import cpu_has_native_bf16, resolve_precision, resolve_run
+from simclr_embed.training.config import parse_config
+from simclr_embed.training.setup import cpu_has_native_bf16, resolve_precision, resolve_run
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))

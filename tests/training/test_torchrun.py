@@ -1,4 +1,4 @@
-"""`torchrun --nproc-per-node 2 -m training ... --device cpu`: two real gloo processes, DDP,
+"""`torchrun --nproc-per-node 2 -m simclr_embed.training ... --device cpu`: two real gloo processes, DDP,
 SyncBatchNorm, negatives gathered across ranks; rank 0 alone writes files and logs."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from simclr_embed.training.checkpoint import load_checkpoint
 from tests.conftest import write_image_folder
-from training.checkpoint import load_checkpoint
 
 pytestmark = [pytest.mark.ddp, pytest.mark.slow]
 

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from simclr_embed.cli import run_main
+from simclr_embed.errors import run_main
+from simclr_embed.training.checkpoint import FORMAT, load_checkpoint
+from simclr_embed.training.cli import main
+from simclr_embed.training.model import SimCLRModel, build_model
+from simclr_embed.training.setup import cpu_has_native_bf16
 from tests.conftest import write_image_folder
-from training.checkpoint import FORMAT, load_checkpoint
-from training.cli import main
-from training.model import SimCLRModel, build_model
-from training.setup import cpu_has_native_bf16
 
 pytestmark = pytest.mark.slow
 

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from server.pb.simclr.v1 import embedding_pb2 as simclr_dot_v1_dot_embedding__pb2
+from simclr_embed.pb.simclr.v1 import embedding_pb2 as simclr_dot_v1_dot_embedding__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
