@@ -133,7 +133,7 @@ def part_c(work: Path, steps: int, rounds: int) -> list[str]:
         for mode in rates:
             out = work / f"c-{mode}-{r}"
             subprocess.run(["rm", "-rf", str(out)], check=True)
-            cmd = [sys.executable, "-m", "training", "--data", str(data), "--out", str(out),
+            cmd = [sys.executable, "-m", "simclr_embed.training", "--data", str(data), "--out", str(out),
                    "--device", "cpu", "--arch", "resnet18", "--image-size", "32", "--stem",
                    "standard", "--batch-size", "64", "--max-steps", str(steps), "--workers", "1",
                    "--threads", "1", "--log-every", "5", "--no-progress", "--augment-on", mode,

@@ -112,7 +112,7 @@ def main() -> int:
     p.add_argument("--work", type=Path, default=REPO / "runs" / "bench-embed")
     args = p.parse_args()
 
-    from simclr_embed.client.blocking import EmbeddingClient
+    from simclr_embed.client import EmbeddingClient
     from simclr_embed.embed.cli import _Remote
     from simclr_embed.embed.offline import OfflineEmbedder
 
@@ -123,7 +123,7 @@ def main() -> int:
     print(f"{len(paths)} JPEGs {args.width}x{args.height}, model {model.name}, batch {args.batch}, "
           f"{os.cpu_count()} CPUs, {args.rounds} rounds", flush=True)  # fmt: skip
     server, m, _ = start_process(
-        [sys.executable, "-m", "server", "--model", str(model), "--port", "0", "--device", "cpu",
+        [sys.executable, "-m", "simclr_embed.server", "--model", str(model), "--port", "0", "--device", "cpu",
          "--max-batch-size", str(args.batch), "--drain-delay-s", "0", "--max-queue", "4096"],
         r"SERVING on 127\.0\.0\.1:(\d+)",
     )  # fmt: skip

@@ -185,7 +185,7 @@ needs "$WORK/model.pt2" serve_torch 150 "$PY" - "$WORK/model.pt2" "$WORK/data" $
 import signal, subprocess, sys, time
 from pathlib import Path
 import numpy as np
-from simclr_embed.client.blocking import EmbeddingClient
+from simclr_embed.client import EmbeddingClient
 from simclr_embed.demo.steps import free_port
 model, data, device, simclr = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 port = free_port()

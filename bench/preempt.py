@@ -54,7 +54,7 @@ def main() -> int:
     for k in range(args.signals):
         out = args.work / f"run{k}"
         subprocess.run(["rm", "-rf", str(out)], check=True)
-        cmd = [sys.executable, "-m", "training", "--data", str(data), "--out", str(out),
+        cmd = [sys.executable, "-m", "simclr_embed.training", "--data", str(data), "--out", str(out),
                "--device", "cpu", "--arch", args.arch, "--image-size", str(args.image_size),
                "--batch-size", str(args.batch_size), "--max-steps", "1000", "--workers", "1",
                "--log-every", "1", "--no-progress", "--checkpoint-every", "1000"]  # fmt: skip

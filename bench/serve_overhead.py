@@ -186,7 +186,7 @@ def _children(pid: int) -> list[int]:
 
 def start_server(model: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
     proc, m, _ = start_process(
-        [sys.executable, "-m", "server", "--model", str(model), "--port", "0", "--device", "cpu",
+        [sys.executable, "-m", "simclr_embed.server", "--model", str(model), "--port", "0", "--device", "cpu",
          "--max-batch-size", "64", "--max-queue", "8192", "--drain-delay-s", "0", *extra],
         r"SERVING on 127\.0\.0\.1:(\d+)",
     )  # fmt: skip
@@ -221,7 +221,7 @@ def packing_cost(rounds: int = 50) -> str:
 
 
 def stream_vs_unary(target: str, work: Path, n: int = 4000) -> str:
-    from simclr_embed.client.blocking import EmbeddingClient
+    from simclr_embed.client import EmbeddingClient
     from simclr_embed.embed.cli import _Remote
     from simclr_embed.embed.job import JobConfig, run_job
 

@@ -143,7 +143,7 @@ def main() -> int:
     log_path = args.out / "server.log"
     with open(log_path, "w") as server_log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "--model", str(model), "--port", "0",
+            [sys.executable, "-m", "simclr_embed.server", "--model", str(model), "--port", "0",
              "--device", "cpu", "--max-batch-size", "32", "--max-queue", "256",
              "--grace-s", str(args.grace_s), "--drain-delay-s", str(args.drain_delay_s)],
             cwd=REPO, env=env, stdout=server_log, stderr=subprocess.STDOUT,

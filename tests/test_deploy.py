@@ -195,6 +195,8 @@ def test_k8s_training_job_resumes_itself() -> None:
 
     assert c["command"] == ["torchrun"]
     run = torchrun_parser().parse_args(c["args"])
-    assert run.module and run.training_script == "training" and int(run.max_restarts) >= 1
+    assert (
+        run.module and run.training_script == "simclr_embed.training" and int(run.max_restarts) >= 1
+    )
     args = get_args_parser().parse_args(run.training_script_args)  # exits 2 on a bad flag
     assert args.resume == "auto" and (ROOT / args.config).is_file()

@@ -95,11 +95,11 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], None]] = {
     "neighbors": _parse_neighbors,
 }
 MODULES: dict[str, Callable[[list[str]], None]] = {
-    "training": _parse_train,
-    "export": _parse_export,
-    "server": _parse_serve,
-    "evaluation": _parse_evaluate,
-    "neighbors": _parse_neighbors,
+    "simclr_embed.training": _parse_train,
+    "simclr_embed.export": _parse_export,
+    "simclr_embed.server": _parse_serve,
+    "simclr_embed.evaluation": _parse_evaluate,
+    "simclr_embed.neighbors": _parse_neighbors,
     "simclr_embed.demo": _parse_demo,
     "simclr_embed.demo.sample_data": _parse_sample_data,
 }
@@ -125,7 +125,7 @@ def _check(argv: list[str]) -> None:
         from torch.distributed.run import get_args_parser
 
         run = get_args_parser().parse_args(args)
-        assert run.module and run.training_script == "training", argv
+        assert run.module and run.training_script == "simclr_embed.training", argv
         _parse_train(run.training_script_args)
     elif prog == "make":
         makefile = (ROOT / "Makefile").read_text()
@@ -204,10 +204,6 @@ def test_referenced_paths_exist() -> None:
         "proto",
         "bench",
         "simclr_embed",
-        "training",
-        "export",
-        "server",
-        "evaluation",
         "tests",
     )
     pattern = rf"(?<![\w/.$-])((?:{'|'.join(tops)})/[\w./-]*[\w])"
@@ -233,7 +229,7 @@ def test_python_snippets_use_the_real_api() -> None:
                     assert hasattr(module, alias.name), f"{node.module}.{alias.name}"
         # Methods called on the documented client exist on it.
         if "EmbeddingClient" in block:
-            from simclr_embed.client.blocking import EmbeddingClient
+            from simclr_embed.client import EmbeddingClient
 
             used = {
                 n.func.attr

@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2
 
-from simclr_embed.client.blocking import _INFO_REQUEST, _PROBE_S, RESENDABLE, _ClientBase, backoff_s
+from simclr_embed.client.base import INFO_REQUEST, PROBE_S, RESENDABLE, ClientBase, backoff_s
 from simclr_embed.client.channel import SERVICE
 from simclr_embed.client.codec import (
     Chunk,
@@ -29,7 +29,7 @@ from simclr_embed.client.codec import (
 )
 
 
-class AsyncEmbeddingClient(_ClientBase):
+class AsyncEmbeddingClient(ClientBase):
     """asyncio client on ``grpc.aio``; create and use it inside one running event loop.
     The same arguments as :class:`EmbeddingClient`."""
 
@@ -107,14 +107,14 @@ class AsyncEmbeddingClient(_ClientBase):
         """``"SERVING"``, ``"NOT_SERVING"``, ... (health needs no token; fails fast)."""
         r = await self._health.Check(
             health_pb2.HealthCheckRequest(service=service),
-            timeout=min(self.timeout or _PROBE_S, _PROBE_S),
+            timeout=min(self.timeout or PROBE_S, PROBE_S),
         )
         return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
 
     async def model_info(self) -> dict[str, Any]:
         try:
             r = await self._stub.GetModelInfo(
-                _INFO_REQUEST, timeout=self.timeout, metadata=self._metadata
+                INFO_REQUEST, timeout=self.timeout, metadata=self._metadata
             )
         except grpc.RpcError as exc:
             raise await self._explained(exc, 0) from None

@@ -1,4 +1,4 @@
-"""Python client of the embedding service (CONTRACT §5): ``EmbeddingClient`` and ``AsyncEmbeddingClient``.
+"""``EmbeddingClient``, the blocking Python client of the embedding service (CONTRACT §5).
 
     with EmbeddingClient("127.0.0.1:50051", token=None) as client:
         vectors = client.embed(["a.jpg", "b.png"], kind="features", normalize=True)  # [2, D]
@@ -22,22 +22,17 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
+from simclr_embed.client.base import INFO_REQUEST, PROBE_S, RESENDABLE, ClientBase, backoff_s
 from simclr_embed.client.channel import (
     SERVICE,
-    channel_options,
-    credentials,
-    grpc_target,
-    make_channel,
-    probe_options,
 )
 from simclr_embed.client.codec import (
     KINDS,
@@ -58,8 +53,6 @@ from simclr_embed.client.codec import (
     unreachable,
 )
 from simclr_embed.client.stream import StreamUnsupported, stream_batches
-from simclr_embed.pb.simclr.v1 import embedding_pb2 as pb
-from simclr_embed.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc
 
 __all__ = [
     "KINDS",
@@ -73,53 +66,9 @@ __all__ = [
 ]
 
 Progress = Callable[[int], None]  # called with the number of images just embedded
-RESENDABLE = (
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-)
-_PROBE_S = 5.0  # health probes fail fast: they answer "is anyone there?"
 
 
-def backoff_s(attempt: int, base: float = 1.0, cap: float = 30.0) -> float:
-    """Full jitter: random(0, min(cap, base·2^attempt)) — retrying clients spread out."""
-    return random.uniform(0, min(cap, base * 2**attempt))
-
-
-class _ClientBase:
-    _aio = False  # grpc.aio channels (AsyncEmbeddingClient) or blocking ones
-
-    def __init__(
-        self,
-        target: str,
-        token: str | None = None,
-        *,
-        tls: Any = False,
-        timeout: float | None = 60.0,
-        max_batch: int = 64,
-        max_message_mb: int = 64,
-        retry: bool = True,
-        resend: int = 0,
-    ) -> None:
-        if max_batch < 1:
-            raise ValueError("max_batch must be >= 1")
-        if resend < 0:
-            raise ValueError("resend must be >= 0")
-        self.target = grpc_target(target)
-        self.timeout, self.max_batch, self.resend = timeout, max_batch, resend
-        self._max_bytes = int(max_message_mb * 2**20 * 0.9)  # headroom for the message framing
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        creds = credentials(tls)
-        options = channel_options(max_message_mb, retry=retry)
-        self._channel = make_channel(self.target, creds, options, aio=self._aio)
-        # Health probes on a plain channel of their own (see simclr_embed.client.channel.probe_options).
-        self._probe = make_channel(self.target, creds, probe_options(max_message_mb), aio=self._aio)
-        self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._probe)
-        self._dims: dict[str, int] = {}
-
-
-class EmbeddingClient(_ClientBase):
+class EmbeddingClient(ClientBase):
     """Blocking client; thread-safe (one channel, any number of threads).
 
     Args:
@@ -254,9 +203,7 @@ class EmbeddingClient(_ClientBase):
     def model_info(self) -> dict[str, Any]:
         """Model version, arch, image size, dimensions, max batch size and providers."""
         try:
-            r = self._stub.GetModelInfo(
-                _INFO_REQUEST, timeout=self.timeout, metadata=self._metadata
-            )
+            r = self._stub.GetModelInfo(INFO_REQUEST, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise self._explained(exc, 0) from None
         return info_dict(r)
@@ -265,7 +212,7 @@ class EmbeddingClient(_ClientBase):
         """``"SERVING"``, ``"NOT_SERVING"``, ... (health needs no token; fails fast)."""
         r = self._health.Check(
             health_pb2.HealthCheckRequest(service=service),
-            timeout=min(self.timeout or _PROBE_S, _PROBE_S),
+            timeout=min(self.timeout or PROBE_S, PROBE_S),
         )
         return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
 
@@ -291,15 +238,3 @@ class EmbeddingClient(_ClientBase):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-_INFO_REQUEST = pb.GetModelInfoRequest()
-
-
-def __getattr__(name: str) -> Any:
-    """``simclr_embed.client.blocking.AsyncEmbeddingClient`` lives in ``simclr_embed.client.aio``."""
-    if name == "AsyncEmbeddingClient":
-        from simclr_embed.client.aio import AsyncEmbeddingClient
-
-        return AsyncEmbeddingClient
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -101,7 +101,7 @@ class Server:
         self.exit_code: int | None = None
 
     def wait_serving(self, timeout: float) -> None:
-        from simclr_embed.client.blocking import EmbeddingClient
+        from simclr_embed.client import EmbeddingClient
 
         end = time.monotonic() + timeout
         with EmbeddingClient(self.target, timeout=2.0) as client:
@@ -205,7 +205,7 @@ def serve_and_embed(
     """
     import numpy as np
 
-    from simclr_embed.client.blocking import EmbeddingClient
+    from simclr_embed.client import EmbeddingClient
 
     server = Server(model, out / "logs" / f"serve-{name}.log", device)
     out = out / "embeddings" / f"{name}.npy"

@@ -28,7 +28,7 @@ from simclr_embed.inference.images import DEFAULT_MAX_PIXELS
 from simclr_embed.server.config import TOKEN_ENV
 
 if TYPE_CHECKING:
-    from simclr_embed.client.blocking import EmbeddingClient
+    from simclr_embed.client import EmbeddingClient
     from simclr_embed.client.codec import EmbedBatch
     from simclr_embed.embed.offline import OfflineEmbedder
 
@@ -210,7 +210,7 @@ def open_engine(
         return OfflineEmbedder(
             model, device=device, batch=batch, decode_threads=decode_threads, max_pixels=max_pixels
         )
-    from simclr_embed.client.blocking import EmbeddingClient
+    from simclr_embed.client import EmbeddingClient
 
     client = EmbeddingClient(
         target or "", token, tls=tls, timeout=timeout, max_batch=batch, resend=resend
@@ -275,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import grpc  # after argument checks: `--help` stays fast
     from tqdm import tqdm
 
-    from simclr_embed.client.blocking import EmbeddingError
+    from simclr_embed.client import EmbeddingError
     from simclr_embed.embed.job import JobConfig, run_job
 
     if cfg.ray is not None:

@@ -2,7 +2,7 @@
 
     inputs (lazy, sorted walk) ─▶ engine.embed_iter (a server, or this process) ─▶ store
 
-The engine is ``simclr_embed.client.blocking.EmbeddingClient`` (through ``simclr serve``: per-image errors,
+The engine is ``simclr_embed.client.EmbeddingClient`` (through ``simclr serve``: per-image errors,
 gRPC's retry policy plus re-sends) or ``simclr_embed.embed.offline.OfflineEmbedder`` (the same
 preprocessing and runtime in this process); both yield ``EmbedBatch`` in input order. The store
 (``simclr_embed.embed.store``) commits a part every ``part_size`` inputs; ``resume`` skips the

@@ -1,6 +1,6 @@
 """torch runtime: ``encode(uint8 [N, S, S, 3])`` over a ``torch.export`` program (``.pt2``).
 
-The same contract as ``simclr_embed.inference.runtime.OnnxRuntime`` (the batcher and servicer cannot tell them
+The same contract as ``simclr_embed.inference.onnx_runtime.OnnxRuntime`` (the batcher and servicer cannot tell them
 apart), for GPUs whose CUDA stack has no matching ``onnxruntime-gpu`` build and for measuring
 the batching server on a GPU with torch alone. Imported only for ``.pt2`` models: the serve
 install stays torch-free.
@@ -27,14 +27,14 @@ import numpy as np
 import torch
 
 from simclr_embed.errors import SimclrError
-from simclr_embed.inference.runtime import (
+from simclr_embed.inference.model_info import (
     OUTPUTS,
     ModelInfo,
     bucket_sizes,
     model_info_from_metadata,
     pad_to_bucket,
 )
-from simclr_embed.inference.runtime import usable_cores as _usable_cores
+from simclr_embed.inference.model_info import usable_cores as _usable_cores
 
 log = logging.getLogger(__name__)
 

@@ -40,8 +40,9 @@ from simclr_embed.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc
 from simclr_embed.server.auth import BearerTokenInterceptor
 from simclr_embed.server.batcher import DynamicBatcher
 from simclr_embed.server.config import ServeConfig
+from simclr_embed.server.core import Backend, RequestPath
 from simclr_embed.server.metrics import Metrics
-from simclr_embed.server.servicer import SERVICE_NAME, Backend, EmbeddingServicer
+from simclr_embed.server.servicer import SERVICE_NAME, EmbeddingServicer
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +88,14 @@ class EmbeddingServer:
         self._decode_pool = concurrent.futures.ThreadPoolExecutor(
             decode_threads, thread_name_prefix="simclr-decode"
         )
-        self._servicer = EmbeddingServicer(
+        # The transport-neutral request path; every transport is an adapter over it.
+        self.path = RequestPath(
             metrics=self.metrics,
             decode_pool=self._decode_pool,
             max_request_images=cfg.max_request_images,
             decode_workers=decode_threads,
         )
+        self._servicer = EmbeddingServicer(self.path, self.metrics)
         self._health = health.aio.HealthServicer()
         self.grpc_server: grpc.aio.Server | None = None
         self._hurry = asyncio.Event()  # a second signal: stop waiting for the drain
@@ -169,7 +172,7 @@ class EmbeddingServer:
         )
         self._batcher.start()
         preprocessor = Preprocessor(runtime.info.image_size, runtime.info.resize, cfg.max_pixels)
-        self._servicer.attach(
+        self.path.attach(
             Backend(runtime.info, tuple(runtime.providers), preprocessor, self._batcher)
         )
         for service in ("", SERVICE_NAME):
@@ -261,21 +264,19 @@ class EmbeddingServer:
         delay = self.cfg.drain_delay_s if drain_delay is None else drain_delay
         loop = asyncio.get_running_loop()
         started = loop.time()
-        self._servicer.drain()  # before the health flip: nothing new is accepted once it shows
+        self.path.drain()  # before the health flip: nothing new is accepted once it shows
         await self._health.enter_graceful_shutdown()  # every service NOT_SERVING, for good
-        if self._servicer.inflight:
-            log.info("draining %d request(s) in flight", self._servicer.inflight)
-        await self._wait_or_hurry(self._servicer.wait_idle(None), grace)
-        if self._servicer.inflight and not self._hurry.is_set():
-            log.warning(
-                "grace of %.1f s over: cancelling %d request(s)", grace, self._servicer.inflight
-            )
+        if self.path.inflight:
+            log.info("draining %d request(s) in flight", self.path.inflight)
+        await self._wait_or_hurry(self.path.wait_idle(None), grace)
+        if self.path.inflight and not self._hurry.is_set():
+            log.warning("grace of %.1f s over: cancelling %d request(s)", grace, self.path.inflight)
         await self._wait_or_hurry(self._hurry.wait(), started + delay - loop.time())
         # Clients that follow health or back off from UNAVAILABLE have gone by now; wait
         # (briefly) for a quiet moment, so that nothing is in transit when the port closes.
         quiet_until = loop.time() + _QUIET_MAX_S
         while not self._hurry.is_set() and loop.time() < quiet_until:
-            since = loop.time() - self._servicer.last_call
+            since = loop.time() - self.path.last_call
             if since >= _QUIET_S:
                 break
             await asyncio.sleep(_QUIET_S - since)
@@ -290,7 +291,7 @@ class EmbeddingServer:
         if self.grpc_server is not None:
             # Only health watchers (long-lived streams) and answers being flushed are left:
             # a short settle, then gRPC cancels whatever still runs.
-            settle = 0.0 if self._hurry.is_set() or self._servicer.inflight else _SETTLE_S
+            settle = 0.0 if self._hurry.is_set() or self.path.inflight else _SETTLE_S
             await self.grpc_server.stop(settle)
         await self.release()
 

@@ -90,7 +90,12 @@ def run_group(cfg: ServeConfig, argv: list[str]) -> int:
     try:
         for i in range(n):
             ready = state / f"{READY_PREFIX}{i}"
-            cmd = [sys.executable, "-m", "server", *worker_argv(argv, cfg, port, i, ready)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "simclr_embed.server",
+                *worker_argv(argv, cfg, port, i, ready),
+            ]
             # Own session: a terminal's Ctrl-C reaches only the supervisor, which forwards it
             # once (a worker that got it twice would cut its drain short).
             workers.append(subprocess.Popen(cmd, env=env, start_new_session=True))

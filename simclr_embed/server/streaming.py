@@ -19,15 +19,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import NoReturn, Protocol
 
 import grpc
 
 from simclr_embed.pb.simclr.v1 import embedding_pb2 as pb
 from simclr_embed.server.rpc import RpcFailure
-
-if TYPE_CHECKING:
-    from simclr_embed.server.servicer import EmbeddingServicer
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +32,25 @@ WINDOW = 8  # messages in progress per stream (each up to --max-request-images i
 _DRAINING = object()  # the reader stopped because the server is draining
 
 
+class StreamHost(Protocol):
+    """What a stream needs of the servicer (``server.servicer.EmbeddingServicer``)."""
+
+    @property
+    def accepting(self) -> bool: ...
+
+    async def embed(
+        self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext, *, wait_for_room: bool
+    ) -> pb.EmbedResponse: ...
+
+    async def fail(
+        self, exc: RpcFailure, context: grpc.aio.ServicerContext, n: int, prefix: str = ""
+    ) -> NoReturn: ...
+
+    def count_ok(self, request: pb.EmbedRequest, response: pb.EmbedResponse) -> None: ...
+
+
 async def stream_responses(
-    servicer: EmbeddingServicer,
+    servicer: StreamHost,
     requests: AsyncIterator[pb.EmbedRequest],
     context: grpc.aio.ServicerContext,
 ) -> AsyncIterator[pb.EmbedResponse]:

@@ -191,7 +191,15 @@ def test_runtime_failures_exit_1_with_one_line(
 def test_module_entry_point_exit_codes(tmp_path: Path) -> None:
     # Exit 1 goes through the same run_main as above; here the module form and argparse's 2.
     good = write_image_folder(tmp_path / "good", per_class=2)
-    base = [sys.executable, "-m", "evaluation", "--model", "pixels", "--image-size", "8"]
+    base = [
+        sys.executable,
+        "-m",
+        "simclr_embed.evaluation",
+        "--model",
+        "pixels",
+        "--image-size",
+        "8",
+    ]
     ok = subprocess.run(
         [*base, "--train", str(good), "--val", str(good), "--json", str(tmp_path / "r.json")],
         capture_output=True,

@@ -156,7 +156,7 @@ def test_end_to_end_module_cli(trained_checkpoint, tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "export",
+        "simclr_embed.export",
         "--checkpoint",
         str(trained_checkpoint),
         "--output",

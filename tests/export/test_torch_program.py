@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from simclr_embed.client.blocking import EmbeddingClient
+from simclr_embed.client import EmbeddingClient
 from simclr_embed.errors import SimclrError, run_main
 from simclr_embed.export.cli import main
 from simclr_embed.inference.runtime import OnnxRuntime, open_runtime

@@ -71,7 +71,7 @@ class ServerProcess:
     def __init__(self, *args: str) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", *args],
+            [sys.executable, "-m", "simclr_embed.server", *args],
             cwd=REPO,
             env=env,
             stdout=subprocess.DEVNULL,

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from simclr_embed.cli import main as simclr
-from simclr_embed.client.blocking import EmbeddingClient
+from simclr_embed.client import EmbeddingClient
 from simclr_embed.imageio import list_images
 from simclr_embed.pb.simclr.v1 import embedding_pb2 as pb
 from simclr_embed.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc

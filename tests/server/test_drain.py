@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from simclr_embed.client.blocking import EmbeddingClient
+from simclr_embed.client import EmbeddingClient
 from simclr_embed.pb.simclr.v1 import embedding_pb2 as pb
 from simclr_embed.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc
 from tests.server.conftest import ServerProcess, ServerThread, serve_config

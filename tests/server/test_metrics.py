@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from simclr_embed.client.blocking import EmbeddingClient, EmbeddingError
+from simclr_embed.client import EmbeddingClient, EmbeddingError
 from tests.server.conftest import ServerThread, photo
 
 CONTRACT_NAMES = {

@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from simclr_embed.client.blocking import AsyncEmbeddingClient, EmbeddingClient, EmbedResult
+from simclr_embed.client import AsyncEmbeddingClient, EmbeddingClient, EmbedResult
 from simclr_embed.pb.simclr.v1 import embedding_pb2 as pb
 from simclr_embed.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc
 from tests.server.conftest import ServerThread, encode, photo, reference

@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from simclr_embed.client.blocking import EmbeddingClient, EmbeddingError
+from simclr_embed.client import EmbeddingClient, EmbeddingError
 from simclr_embed.pb.simclr.v1 import embedding_pb2 as pb
 from simclr_embed.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc
 from tests.server.conftest import ServerThread, photo, serve_config

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
-from simclr_embed.client.blocking import EmbeddingClient
+from simclr_embed.client import EmbeddingClient
 from simclr_embed.pb.simclr.v1 import embedding_pb2 as pb
 from simclr_embed.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc
 from tests.server.conftest import ServerThread, encode, photo, reference, serve_config
@@ -135,7 +135,7 @@ def test_client_chunks_large_lists_and_keeps_order(
 def test_async_client(server: ServerThread, reference_session: ort.InferenceSession) -> None:
     import asyncio
 
-    from simclr_embed.client.blocking import AsyncEmbeddingClient
+    from simclr_embed.client import AsyncEmbeddingClient
 
     pics = [np.asarray(photo(S, S, seed=50 + i)) for i in range(5)]
 

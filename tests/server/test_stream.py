@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from simclr_embed.client.blocking import EmbeddingClient
+from simclr_embed.client import EmbeddingClient
 from simclr_embed.pb.simclr.v1 import embedding_pb2 as pb
 from simclr_embed.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc
 from simclr_embed.server.streaming import WINDOW

@@ -54,7 +54,7 @@ def _fails(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
 def test_module_help_and_bad_flag_exit_codes() -> None:
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "training", *args],
+            [sys.executable, "-m", "simclr_embed.training", *args],
             cwd=REPO,
             capture_output=True,
             text=True,

@@ -45,7 +45,7 @@ def _args(data: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _torchrun(n: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), "-m", "training"]  # fmt: skip
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), "-m", "simclr_embed.training"]  # fmt: skip
 
 
 class Run:
@@ -106,9 +106,11 @@ def _stop_step(log: str, signal_name: str) -> int:
 
 def test_sigterm_checkpoints_and_resume_auto_is_bit_exact(data: Path, tmp_path: Path) -> None:
     straight, out = tmp_path / "straight", tmp_path / "out"
-    ref = Run([sys.executable, "-m", "training", *_args(data, straight)])
+    ref = Run([sys.executable, "-m", "simclr_embed.training", *_args(data, straight)])
     assert ref.finish() == 0, ref.log[-3000:]
-    run = Run([sys.executable, "-m", "training", *_args(data, out, "--resume", "auto")])
+    run = Run(
+        [sys.executable, "-m", "simclr_embed.training", *_args(data, out, "--resume", "auto")]
+    )
     run.wait_step(4)
     run.proc.send_signal(signal.SIGTERM)
     assert run.finish() == 0, run.log[-3000:]
@@ -116,7 +118,9 @@ def test_sigterm_checkpoints_and_resume_auto_is_bit_exact(data: Path, tmp_path: 
     assert 4 <= step < STEPS  # where it was (checkpoints every 6 steps: not one of those alone)
     assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == step
     assert "--resume auto" in run.log
-    again = Run([sys.executable, "-m", "training", *_args(data, out, "--resume", "auto")])
+    again = Run(
+        [sys.executable, "-m", "simclr_embed.training", *_args(data, out, "--resume", "auto")]
+    )
     assert again.finish() == 0, again.log[-3000:]
     assert f"resumed from {out / 'checkpoints' / 'last.pt'}: step {step}" in again.log
     _same_weights(out / "checkpoints" / "last.pt", straight / "checkpoints" / "last.pt")
@@ -167,7 +171,9 @@ def test_sigusr1_to_rank0_alone_then_resume_on_one_process(data: Path, tmp_path:
     ckpt = load_checkpoint(out / "checkpoints" / "last.pt")
     assert ckpt["step"] == step and ckpt["config"]["world_size"] == 2
     # A requeue onto one process: the same command continues, with a warning.
-    one = Run([sys.executable, "-m", "training", *_args(data, out, "--resume", "auto")])
+    one = Run(
+        [sys.executable, "-m", "simclr_embed.training", *_args(data, out, "--resume", "auto")]
+    )
     assert one.finish() == 0, one.log[-3000:]
     assert "not bit-exactly" in one.log and "global batch 8" in one.log
     final = load_checkpoint(out / "checkpoints" / "last.pt")

@@ -32,7 +32,7 @@ def test_torchrun_two_processes_cpu(tmp_path: Path) -> None:
         "--nproc-per-node",
         "2",
         "-m",
-        "training",
+        "simclr_embed.training",
         "--data",
         str(data),
         "--out",
