@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     server_cmd = [
         sys.executable,
         "-m",
-        "server",
+        "simclr_embed.server",
         "--model",
         str(model),
         "--port",

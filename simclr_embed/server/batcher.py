@@ -1,5 +1,8 @@
 """Dynamic batching in pure asyncio, after Triton's dynamic batcher (no grpc, no onnxruntime).
 
+(Long because the collector, admission, deadlines and inline model calls are one state machine
+whose invariants are easier to check in one file than across several.)
+
 Requests of ``[n, S, S, 3]`` images wait in one FIFO queue. The collector first takes a model
 slot (at most ``max_inflight`` batches run at once; while all are busy, images accumulate), then:
 

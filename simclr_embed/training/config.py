@@ -4,6 +4,7 @@ Precedence: command-line flags > ``--config FILE`` > built-in defaults. The file
 keys as the flags (``batch_size`` or ``batch-size``); its values are fed through the parser as if
 they had been typed before the real flags, so they get the same type checks and error messages and
 any flag given on the command line wins. Every bad value exits 2 with a message naming the flag.
+(Long because every training flag, its help and its check live here, readable without torch.)
 """
 
 from __future__ import annotations
