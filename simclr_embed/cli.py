@@ -21,7 +21,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "export a checkpoint to a self-contained ONNX model",
     ),
     "serve": ("simclr_embed.server.cli", "serve an ONNX model over gRPC with dynamic batching"),
-    "embed": ("simclr_embed.embed.cli", "embed image files/folders through a running server"),
+    "embed": (
+        "simclr_embed.embed.cli",
+        "embed image files/folders: offline, through servers, or on Ray",
+    ),
+    "health": ("simclr_embed.client.health", "is a server SERVING? exit 0 if so, else 1 and why"),
     "evaluate": (
         "simclr_embed.evaluation.cli",
         "kNN + linear probe of frozen features on labeled folders",
@@ -31,6 +35,25 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "nearest neighbours and near-duplicates of embedded images",
     ),
 }
+
+
+# A missing third-party package → the extra that brings it (the serve image has no torch).
+EXTRA_OF = {
+    "torch": "train", "torchvision": "train", "tensorboard": "train", "yaml": "train",
+    "onnx": "export", "onnxscript": "export", "onnxruntime": "serve", "grpc": "serve",
+    "grpc_health": "serve", "grpc_reflection": "serve", "google": "serve",
+    "prometheus_client": "serve", "tqdm": "serve", "pyarrow": "parquet", "faiss": "neighbors",
+    "ray": "ray",
+}  # fmt: skip
+
+
+def _missing(name: str, exc: ImportError) -> str:
+    top = (exc.name or "").split(".")[0]
+    extra = EXTRA_OF.get(top, "all")
+    return (
+        f"error: 'simclr {name}' needs {top or 'a missing package'}, which is not installed: "
+        f"install the {extra} extra: pip install 'simclr-embed[{extra}]'"
+    )
 
 
 def _usage() -> str:
@@ -53,16 +76,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"simclr: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module_name = COMMANDS[name][0]
-    try:
+    try:  # an extra may be missing (e.g. `train` in the serve image): at import or once running
         module = importlib.import_module(module_name)
-    except ImportError as exc:  # an extra is not installed (e.g. `train` in the serve image)
-        print(
-            f"error: 'simclr {name}' needs a missing package ({exc.name}); "
-            f"install simclr-embed[all]",
-            file=sys.stderr,
-        )
+        return run_main(module.main, rest)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] == "simclr_embed":
+            raise  # our own bug, not an install problem
+        print(_missing(name, exc), file=sys.stderr)
         return 1
-    return run_main(module.main, rest)
 
 
 if __name__ == "__main__":

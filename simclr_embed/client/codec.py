@@ -60,6 +60,7 @@ class EmbedBatch:
     indices: np.ndarray
     failures: list[Failure]
     timings: tuple[float, float, float] | None = None  # server ms: decode, queue, inference
+    model_version: str = ""  # the model that made these vectors ("": nothing was sent)
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ def check_options(kind: str, on_error: str) -> None:
 def to_batch(chunk: Chunk, response: pb.EmbedResponse | None, dim: int) -> EmbedBatch:
     """A chunk and its answer (``None``: nothing was sendable) → :class:`EmbedBatch`."""
     failures = list(chunk.failures)
-    timings = None
+    timings, version = None, ""
     if response is None:
         vectors, positions = np.zeros((0, dim), np.float32), np.zeros(0, np.int64)
     else:
@@ -176,11 +177,12 @@ def to_batch(chunk: Chunk, response: pb.EmbedResponse | None, dim: int) -> Embed
         keep = [j for j in range(len(chunk.positions)) if j not in bad]
         vectors = to_array(response, len(chunk.positions))[keep]  # [n_ok, D]
         positions = np.array([chunk.positions[j] for j in keep], np.int64)
+        version = response.model_version
         if response.HasField("timings"):
             t = response.timings
             timings = (t.decode_ms, t.queue_ms, t.inference_ms)
     failures.sort(key=lambda f: f.index)
-    return EmbedBatch(chunk.start, chunk.count, vectors, positions, failures, timings)
+    return EmbedBatch(chunk.start, chunk.count, vectors, positions, failures, timings, version)
 
 
 def to_array(response: pb.EmbedResponse, n: int | None = None) -> np.ndarray:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from simclr_embed.client.health import DEFAULT_WAIT_S
 from simclr_embed.embed.store import FORMATS, errors_path
 from simclr_embed.errors import SimclrError
 from simclr_embed.inference.images import DEFAULT_MAX_PIXELS
@@ -48,10 +49,11 @@ class EmbedConfig:
     normalize: bool = False
     on_error: str = "skip"
     resume: bool = False
+    overwrite: bool = False
     batch: int = 64
     concurrency: int = 2
     timeout: float = 300.0
-    wait_s: float = 60.0
+    wait_s: float = DEFAULT_WAIT_S
     resend: int = 8
     part_size: int = 4096
     decode_threads: int = 0
@@ -87,11 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-error", choices=("skip", "fail"), default="skip",
                    help="skip: leave unusable files out and list them in OUTPUT.errors.tsv; "
                    "fail: stop at the first one (exit 1) [skip]")  # fmt: skip
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run into the same OUTPUT")  # fmt: skip
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue an interrupted run into the same OUTPUT")  # fmt: skip
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace an existing OUTPUT (the old one stays readable until the "
+                       "new one is complete); without it an existing OUTPUT is refused")  # fmt: skip
     p.add_argument("--batch", type=int, default=64, help="images per request / model call [64]")
     p.add_argument("--concurrency", type=int, default=2, help="--target: requests in flight [2]")
     p.add_argument("--timeout", type=float, default=300.0, help="--target: seconds per request [300]")  # fmt: skip
-    p.add_argument("--wait-s", type=float, default=60.0, help="--target: how long to wait for a SERVING server at the start [60]")  # fmt: skip
+    p.add_argument("--wait-s", type=float, default=DEFAULT_WAIT_S,
+                   help="--target: how long to wait for a SERVING server at the start, saying "
+                   f"why while waiting [{DEFAULT_WAIT_S:g}]")  # fmt: skip
     p.add_argument("--resend", type=int, default=8,
                    help="--target: re-sends of a request after gRPC's own retries gave up "
                    "(UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED; backoff 1-30 s) [8]")  # fmt: skip
@@ -153,6 +161,7 @@ def parse_config(argv: Sequence[str] | None) -> EmbedConfig:
         normalize=args.normalize,
         on_error=args.on_error,
         resume=args.resume,
+        overwrite=args.overwrite,
         batch=args.batch,
         concurrency=args.concurrency,
         timeout=args.timeout,
@@ -198,7 +207,7 @@ def open_engine(
     tls: bool | Path = False,
     timeout: float = 300.0,
     resend: int = 8,
-    wait_s: float = 60.0,
+    wait_s: float = DEFAULT_WAIT_S,
     concurrency: int = 2,
     stream: bool = True,
 ) -> OfflineEmbedder | _Remote:
@@ -211,16 +220,18 @@ def open_engine(
             model, device=device, batch=batch, decode_threads=decode_threads, max_pixels=max_pixels
         )
     from simclr_embed.client import EmbeddingClient
+    from simclr_embed.client.health import check_target, wait_for_serving
 
+    # Says at once what is wrong (refused, TLS, token, NOT_SERVING, a URL), and keeps saying it.
+    wait_for_serving(check_target(target or ""), wait_s=wait_s, tls=tls, token=token, say=_say)
     client = EmbeddingClient(
         target or "", token, tls=tls, timeout=timeout, max_batch=batch, resend=resend
     )
-    try:
-        client.wait_until_serving(timeout=wait_s)
-    except TimeoutError:
-        client.close()
-        raise SimclrError(f"{target}: no SERVING server after {wait_s:g} s") from None
     return _Remote(client, concurrency, stream)
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 class _Remote:
@@ -249,11 +260,12 @@ class _Remote:
 
 
 def _run_ray(cfg: EmbedConfig) -> tuple[int, int, int, str]:
-    from simclr_embed.embed.job import check_paths, iter_inputs
+    from simclr_embed.embed.job import JobConfig, check_output, check_paths, iter_inputs
     from simclr_embed.embed.ray_job import run_ray
     from simclr_embed.inference.runtime import open_runtime
 
     check_paths(cfg.paths)
+    check_output(JobConfig(cfg.paths, cfg.output, "parquet", overwrite=cfg.overwrite))
     runtime = open_runtime(cfg.model, device="cpu", max_batch_size=1)  # the model's facts
     info = runtime.info
     dim = info.projection_dim if cfg.kind == "projection" else info.feature_dim
@@ -276,14 +288,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tqdm import tqdm
 
     from simclr_embed.client import EmbeddingError
-    from simclr_embed.embed.job import JobConfig, run_job
+    from simclr_embed.embed.job import JobConfig, check_output, check_paths, run_job
 
     if cfg.ray is not None:
         rows, skipped, dim, version = _run_ray(cfg)
         already = False
     else:
+        source = f"the server at {cfg.target}" if cfg.target else f"the model {cfg.model}"
         job = JobConfig(cfg.paths, cfg.output, cfg.fmt, cfg.kind, cfg.normalize, cfg.on_error,
-                        cfg.resume, cfg.part_size)  # fmt: skip
+                        cfg.resume, cfg.part_size, cfg.overwrite, source)  # fmt: skip
+        check_paths(cfg.paths)
+        check_output(job)  # before waiting for a server: an existing OUTPUT is refused at once
         engine = None
         timings: list[tuple[float, float, float]] = []
         try:
@@ -295,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if batch.timings is not None:
                         timings.append(batch.timings)
 
-                summary = run_job(job, engine, on_batch=on_batch)
+                summary = run_job(job, engine, on_batch=on_batch, say=_say)
         except EmbeddingError as exc:
             raise SimclrError(f"{cfg.target}: {exc}") from None
         except grpc.RpcError as exc:  # health/connection problems outside embed_iter

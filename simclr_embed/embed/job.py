@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
+import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from simclr_embed.client.codec import EmbedBatch
-from simclr_embed.embed.store import completed, errors_path, open_store
+from simclr_embed.embed.store import completed, describe_held, errors_path, held, open_store
 from simclr_embed.errors import SimclrError
 from simclr_embed.imageio import iter_images
 
@@ -45,6 +47,10 @@ class JobConfig:
     on_error: str = "skip"  # skip | fail
     resume: bool = False
     part_size: int = 4096
+    overwrite: bool = (
+        False  # replace an existing OUTPUT (atomically: the old one stays until the end)
+    )
+    source: str = ""  # what answers, for messages: "the server at HOST:PORT", "the model m.onnx"
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,10 @@ class Summary:
     dimension: int
     model_version: str
     already_complete: bool = False
+
+
+class ModelChangedError(SimclrError):
+    """An answer came from another model than the one the output was started with."""
 
 
 def check_paths(paths: Sequence[Path]) -> None:
@@ -86,14 +96,57 @@ def _skip_done(inputs: Iterator[Path], done: int, last: str | None) -> Iterator[
     return inputs
 
 
+def check_output(cfg: JobConfig) -> None:
+    """Refuse to touch an existing OUTPUT (finished or not) unless ``--resume``/``--overwrite``
+    says what to do with it; checked before any engine is opened."""
+    record = held(cfg.output, cfg.fmt)
+    if record is None or cfg.overwrite or (cfg.resume and not record.get("foreign")):
+        return
+    if record.get("foreign"):
+        raise SimclrError(
+            f"--output {cfg.output} exists and holds {describe_held(record)}; choose another "
+            "--output, or --overwrite to replace it"
+        )
+    raise SimclrError(
+        f"--output {cfg.output} already holds {describe_held(record)}; add --resume to continue "
+        "it, or --overwrite to replace it (the old output stays readable until the new one is "
+        "complete)"
+    )
+
+
+def _staging(output: Path) -> Path:
+    return output.with_name(f".{output.name}.overwrite")
+
+
+def _swap_in(staging: Path, output: Path) -> None:
+    """A finished Parquet folder built beside OUTPUT replaces it (two renames)."""
+    old = output.with_name(f".{output.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if output.exists():
+        os.replace(output, old)
+    os.replace(staging, output)
+    if errors_path(staging).exists():
+        os.replace(errors_path(staging), errors_path(output))
+    else:
+        errors_path(output).unlink(missing_ok=True)
+    if old.exists():
+        shutil.rmtree(old)
+
+
 def run_job(
-    cfg: JobConfig, engine: Engine, on_batch: Callable[[EmbedBatch], None] | None = None
+    cfg: JobConfig,
+    engine: Engine,
+    on_batch: Callable[[EmbedBatch], None] | None = None,
+    say: Callable[[str], None] | None = None,
 ) -> Summary:
     """Run (or continue) the job; raises ``SimclrError`` with a one-line reason on failure.
 
-    ``on_batch`` sees every batch once it is stored (progress, timing statistics).
+    ``on_batch`` sees every batch once it is stored (progress, timing statistics); ``say``
+    gets the lines a user should see (what a resume continues from).
     """
     check_paths(cfg.paths)
+    check_output(cfg)
     info = engine.model_info()
     dim = int(info["projection_dimension" if cfg.kind == "projection" else "feature_dimension"])
     job = {
@@ -113,10 +166,20 @@ def run_job(
                 + "; nothing was changed"
             )
         return Summary(finished["rows"], finished["skipped"], dim, job["model_version"], True)
-    store = open_store(cfg.output, cfg.fmt, job, cfg.resume)
+    out = cfg.output
+    if cfg.overwrite and cfg.fmt == "parquet" and held(cfg.output, cfg.fmt) is not None:
+        out = _staging(cfg.output)  # the old folder stays whole until the new one is finished
+        if out.exists():
+            shutil.rmtree(out)
+    store = open_store(out, cfg.fmt, job, cfg.resume and not cfg.overwrite)
     done = store.progress.inputs
     if done:
-        log.info("resuming: %d inputs already done (%d vectors)", done, store.progress.rows)
+        line = (
+            f"resuming {cfg.output}: {done:,} inputs already done ({store.progress.rows:,} vectors)"
+        )
+        log.info(line)
+        if say is not None:
+            say(line)
     inputs = _skip_done(iter_inputs(cfg.paths), done, store.progress.last)
 
     fed: collections.deque[str] = collections.deque()  # inputs given to the engine, not yet back
@@ -129,6 +192,17 @@ def run_job(
     committed, last = done, store.progress.last
     any_input = done > 0
     for batch in engine.embed_iter(feed(), cfg.kind, cfg.normalize, on_error="skip"):
+        if batch.model_version and batch.model_version != job["model_version"]:
+            # Everything stored before this batch came from the job's model: keep it, resumable.
+            if committed != store.progress.inputs:
+                store.commit(committed, last or "")
+            raise ModelChangedError(
+                f"{cfg.source or 'the engine'} now serves model {batch.model_version}; this "
+                f"output was started with model {job['model_version']} and keeps its "
+                f"{store.progress.rows:,} rows of it. Serve model {job['model_version']} again "
+                f"and rerun with --resume, or embed into a new --output (or --overwrite) with "
+                f"model {batch.model_version}"
+            )
         any_input = True
         names = [fed.popleft() for _ in range(batch.count)]  # [start, start + count)
         first_bad = batch.failures[0].index - batch.start if batch.failures else batch.count
@@ -158,6 +232,8 @@ def run_job(
     if committed != store.progress.inputs:
         store.commit(committed, last or "")
     store.finish()
+    if out != cfg.output:
+        _swap_in(out, cfg.output)
     if store.progress.errors:
         log.info("%d unusable files listed in %s", store.progress.errors, errors_path(cfg.output))
     return Summary(store.progress.rows, store.progress.errors, dim, job["model_version"])

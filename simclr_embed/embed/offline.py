@@ -104,7 +104,8 @@ class OfflineEmbedder:
             images = np.stack([decoded[i] for i in good])  # [n_ok, S, S, 3]
             vectors = select_output(self.runtime.encode(images), OUTPUT_FOR_KIND[kind], normalize)
         indices = np.array([start + i for i in good], np.int64)
-        return EmbedBatch(start, len(items), vectors, indices, failures)
+        version = self.runtime.info.model_version
+        return EmbedBatch(start, len(items), vectors, indices, failures, model_version=version)
 
     def embed_iter(
         self,

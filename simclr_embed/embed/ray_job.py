@@ -87,6 +87,12 @@ class Embed:
 
         self.runtime = open_runtime(model, device=device, max_batch_size=batch)
         self.kind, self.normalize, self.job = kind, normalize, job
+        found = self.runtime.info.model_version
+        if found != job["model_version"]:  # the file was replaced after the job started
+            raise SimclrError(
+                f"{model} now holds model {found}; this output was started with model "
+                f"{job['model_version']}: never a vector of another model in it"
+            )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Any:
         from simclr_embed.inference.runtime import select_output

@@ -118,9 +118,14 @@ class Store:
         if changed:
             was = ", ".join(f"{k}={old.get(k)!r}" for k in changed)
             now = ", ".join(f"{k}={self.job.get(k)!r}" for k in changed)
+            hint = (
+                f"serve model {old.get('model_version')} again to continue it, or "
+                if "model_version" in changed
+                else ""
+            )
             raise SimclrError(
-                f"--resume: {self.state} was made with {was}, this run has {now}; nothing was "
-                "changed (rerun without --resume to start over)"
+                f"--resume: {self.output} was started with {was}, this run has {now}; nothing "
+                f"was changed ({hint}use --overwrite to start over)"
             )
 
     def fail(self, path: str, reason: str) -> None:
@@ -353,3 +358,38 @@ def completed(output: Path, fmt: str) -> dict[str, Any] | None:
     if output.is_file() and meta.is_file():
         return json.loads(meta.read_text())
     return None
+
+
+def state_dir(output: Path, fmt: str) -> Path:
+    """Where an unfinished run keeps its job, journal and growing files."""
+    return output if fmt == "parquet" else output.with_name(output.name + ".partial")
+
+
+def held(output: Path, fmt: str) -> dict[str, Any] | None:
+    """What an existing OUTPUT holds — ``{"complete", "rows", "inputs", "model_version", "kind"}``
+    — or ``None`` when there is nothing there. An output this tool did not write counts too
+    (``"foreign": True``): it is never replaced without being asked."""
+    finished = completed(output, fmt)
+    if finished is not None:
+        return {"complete": True, "inputs": None, **finished}
+    state = state_dir(output, fmt)
+    job_file = state / (ParquetStore.job_name if fmt == "parquet" else Store.job_name)
+    if job_file.is_file():
+        job = json.loads(job_file.read_text())
+        journal = state / (ParquetStore.journal_name if fmt == "parquet" else Store.journal_name)
+        entries, _ = read_journal(journal) if journal.exists() else ([], 0)
+        last = entries[-1] if entries else {"rows": 0, "inputs": 0}
+        return {**job, "complete": False, "rows": last["rows"], "inputs": last["inputs"]}
+    if fmt == "npy" and output.exists():
+        return {"foreign": True}
+    return None
+
+
+def describe_held(record: dict[str, Any]) -> str:
+    """One phrase for :func:`held`'s record: what would be lost by replacing it."""
+    if record.get("foreign"):
+        return "a file that simclr embed did not write"
+    what = f"{record.get('rows', 0):,} rows of model {record.get('model_version')} ({record.get('kind')})"
+    if record.get("complete"):
+        return f"a finished embedding: {what}"
+    return f"an unfinished run: {what} committed, {record.get('inputs', 0):,} inputs done"

@@ -170,6 +170,8 @@ def embed_queries(cfg: NeighborsConfig, coll: Collection) -> tuple[list[str], np
         normalize = bool(coll.job.get("normalize", False))
         names, vectors = [], []
         for batch in engine.embed_iter(inputs, kind, normalize, on_error="skip"):
+            if batch.model_version and batch.model_version != version:  # a redeploy mid-way
+                raise SimclrError(f"the server now serves model {batch.model_version}, not {version}; the queries must all be embedded by the collection's model")  # fmt: skip
             for failure in batch.failures:
                 print(f"skipped {inputs[failure.index]}: {failure.reason}", file=sys.stderr)
             names += [inputs[int(i)] for i in batch.indices]

@@ -128,6 +128,7 @@ class RequestPath:
     inflight: int = 0  # requests accepted and not yet answered
     last_call: float = 0.0  # loop.time() of the latest request to arrive
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
+    _draining: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         self.decode_workers = max(1, self.decode_workers)
@@ -141,6 +142,11 @@ class RequestPath:
         """Refuse every new request from now on; accepted ones run to the end."""
         self.accepting = False
         self.refusal = "server is draining (shutting down); retry, another replica will answer"
+        self._draining.set()
+
+    async def wait_draining(self) -> None:
+        """Return once :meth:`drain` has been called (streams stop reading then)."""
+        await self._draining.wait()
 
     def enter(self) -> bool:
         """Count a new request in flight; False while not accepting (the caller answers

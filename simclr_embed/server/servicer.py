@@ -70,6 +70,9 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     def accepting(self) -> bool:
         return self.path.accepting
 
+    async def wait_draining(self) -> None:
+        await self.path.wait_draining()
+
     def _enter(self, context: grpc.aio.ServicerContext) -> bool:
         """Count a new call in flight; False (after counting the refusal) while not accepting."""
         if self.path.enter():

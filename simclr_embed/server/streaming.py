@@ -48,6 +48,8 @@ class StreamHost(Protocol):
 
     def count_ok(self, request: pb.EmbedRequest, response: pb.EmbedResponse) -> None: ...
 
+    async def wait_draining(self) -> None: ...
+
 
 async def stream_responses(
     servicer: StreamHost,
@@ -59,8 +61,22 @@ async def stream_responses(
     running: list[asyncio.Task[pb.EmbedResponse]] = []
 
     async def read() -> None:
+        messages = aiter(requests)
+        # A drain must not wait for a client that sends nothing more (a slow consumer, an idle
+        # stream): waiting for the next message races the drain, and the drain ends the read.
+        drained = asyncio.ensure_future(servicer.wait_draining())
         try:
-            async for request in requests:
+            while True:
+                message = asyncio.ensure_future(anext(messages))
+                await asyncio.wait((message, drained), return_when=asyncio.FIRST_COMPLETED)
+                if not message.done():
+                    message.cancel()
+                    pending.put_nowait(_DRAINING)
+                    return
+                try:
+                    request = message.result()
+                except StopAsyncIteration:
+                    return
                 if not servicer.accepting:
                     pending.put_nowait(_DRAINING)
                     return
@@ -69,6 +85,7 @@ async def stream_responses(
                 pending.put_nowait((request, task))
                 await slots.acquire()  # WINDOW messages in progress: stop reading, the sender waits
         finally:
+            drained.cancel()
             pending.put_nowait(None)  # never blocks: nothing to await while being cancelled
 
     reader = asyncio.ensure_future(read())
