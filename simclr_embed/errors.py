@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
+from simclr_embed.streams import guard_output
+
 
 class SimclrError(Exception):
     """A runtime failure the user can act on (missing folder, corrupt checkpoint, ...).
@@ -20,6 +22,7 @@ def run_main(fn: Callable[[Sequence[str] | None], int], argv: Sequence[str] | No
     Here, not in ``simclr_embed.cli``, so that every ``python -m simclr_embed.<stage>`` entry
     point uses it without importing the dispatcher above it.
     """
+    guard_output()  # a reader that has gone never costs a checkpoint or a result
     try:
         return fn(argv)
     except SimclrError as exc:

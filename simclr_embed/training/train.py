@@ -340,9 +340,10 @@ def _run(cfg: TrainConfig, device: torch.device, stop: StopRequest) -> None:
                 reporter.epoch_end(state.epoch)
                 if state.epoch % cfg.eval_every == 0 and state.stopped_by is None:
                     knn()
-        reporter.flush(state.step, scheduler.get_last_lr()[0])
+        # The checkpoint before any output: a failing terminal must never cost it.
         if state.step != last_saved or not (ckpt_dir / "last.pt").exists():
             checkpoint()
+        reporter.flush(state.step, scheduler.get_last_lr()[0])
         dist.barrier()  # nobody exits before rank 0's last.pt is on disk
         if cfg.eval_data and last_eval != state.step and state.stopped_by is None:
             knn()
