@@ -10,6 +10,7 @@ wraps both streams so that such a write instead points the file descriptor at ``
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sys
@@ -50,10 +51,8 @@ class GuardedStream:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, self._fd)
             os.close(devnull)
-            try:
+            with contextlib.suppress(OSError):  # what was buffered goes to /dev/null
                 self._stream.flush()
-            except OSError:
-                pass
         return True
 
     def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding, buffer, ...
