@@ -36,6 +36,31 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+_ZIP, _PICKLE = b"PK\x03\x04", b"\x80"
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
+
+
+def check_model_file(path: str | os.PathLike[str]) -> Path:
+    """Refuse, with what to do instead, a file that cannot be a servable model — before a server
+    binds its port or a job starts (an ONNX Runtime parse error says neither)."""
+    path = Path(path)
+    if not path.exists():
+        raise SimclrError(f"model file not found: {path}")
+    if path.is_dir():
+        raise SimclrError(f"--model {path} is a folder; give the exported .onnx file (or a .pt2)")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if path.suffix == ".pt2":
+        return path
+    if path.suffix in CHECKPOINT_SUFFIXES or head == _ZIP or head[:1] == _PICKLE:
+        raise SimclrError(
+            f"{path} is a training checkpoint, not a servable model; export it first: "
+            f"simclr export-onnx --checkpoint {path} --output model.onnx (add --torch-program "
+            "model.pt2 for the torch runtime), then serve model.onnx"
+        )
+    return path
+
+
 def open_runtime(
     path: str | os.PathLike[str],
     *,
@@ -46,6 +71,7 @@ def open_runtime(
     precision: str = "auto",
 ) -> Runtime:
     """The runtime for a model file: ``.pt2`` → torch (imported only then), else ONNX Runtime."""
+    check_model_file(path)
     if Path(path).suffix == ".pt2":
         try:
             from simclr_embed.inference.torch_runtime import TorchRuntime

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Awaitable
@@ -35,7 +37,7 @@ from PIL import Image
 
 from simclr_embed.errors import SimclrError
 from simclr_embed.inference.images import Preprocessor
-from simclr_embed.inference.runtime import Runtime, open_runtime, usable_cores
+from simclr_embed.inference.runtime import Runtime, check_model_file, open_runtime, usable_cores
 from simclr_embed.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc
 from simclr_embed.server.auth import BearerTokenInterceptor
 from simclr_embed.server.batcher import DynamicBatcher
@@ -65,6 +67,19 @@ def _full_batch_seconds(runtime: Runtime, batch: int) -> float:
         runtime.encode(images)
         times.append(time.perf_counter() - started)
     return sorted(times)[2]
+
+
+def _why_not(host: str, port: int, exc: BaseException | None) -> str:
+    """Why gRPC could not bind, in our words (its own reason is only in its log)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host.strip("[]"), port))
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            return "address already in use (another server on that port? choose another --port)"
+        return err.strerror or str(err)
+    return str(exc) if exc else "gRPC refused the address"
 
 
 def _address(host: str, port: int) -> str:
@@ -107,6 +122,7 @@ class EmbeddingServer:
 
     async def start(self) -> None:
         cfg = self.cfg
+        check_model_file(cfg.model)  # before the port opens: a checkpoint is not a model
         interceptors = []
         if cfg.auth_token:
             interceptors.append(BearerTokenInterceptor(cfg.auth_token, self._count_rejected))
@@ -223,9 +239,11 @@ class EmbeddingServer:
         except OSError as exc:
             raise SimclrError(f"cannot read TLS files: {exc}") from None
         except RuntimeError as exc:
-            raise SimclrError(f"cannot listen on {address}: {exc}") from None
+            raise SimclrError(
+                f"cannot listen on {address}: {_why_not(cfg.host, cfg.port, exc)}"
+            ) from None
         if not port:
-            raise SimclrError(f"cannot listen on {address} (in use?)")
+            raise SimclrError(f"cannot listen on {address}: {_why_not(cfg.host, cfg.port, None)}")
         return port
 
     def _count_rejected(self, method: str) -> None:

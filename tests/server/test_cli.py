@@ -113,6 +113,24 @@ def test_missing_model_exits_1(tmp_path: Path) -> None:
     assert server.log.strip().splitlines()[-1].startswith("error: model file not found")
 
 
+def test_a_checkpoint_is_refused_before_the_port_opens(tiny_checkpoint: Path) -> None:
+    server = ServerProcess("--model", str(tiny_checkpoint), "--port", "0")
+    assert server.wait(timeout=60) == 1
+    last = server.log.strip().splitlines()[-1]
+    assert last.startswith("error:") and "training checkpoint" in last, server.log
+    assert f"simclr export-onnx --checkpoint {tiny_checkpoint} --output model.onnx" in last
+    assert "--torch-program" in last
+    assert "NOT_SERVING" not in server.log and "listening" not in server.log.lower()
+
+
+def test_a_port_in_use_says_so_in_one_line(server, tiny_onnx: Path) -> None:
+    port = server.target.rsplit(":", 1)[1]
+    other = ServerProcess("--model", str(tiny_onnx), "--port", port)
+    assert other.wait(timeout=60) == 1
+    last = other.log.strip().splitlines()[-1]
+    assert last.startswith("error: cannot listen on") and "address already in use" in last
+
+
 def test_device_cuda_without_a_gpu_exits_1(tiny_onnx: Path) -> None:
     try:
         ctypes.CDLL("libcuda.so.1")
