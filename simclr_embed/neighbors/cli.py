@@ -68,7 +68,7 @@ class NeighborsConfig:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="simclr neighbors",
-        description=__doc__.splitlines()[0],
+        description=" ".join(__doc__.split("\n\n")[0].split()).replace("``", ""),
         epilog="Exit codes: 0 done, 1 runtime failure (nothing written), 2 bad usage.",
     )
     p.add_argument("--embeddings", type=Path, required=True, metavar="OUT", help="what simclr embed wrote: an .npy (with OUT.paths.txt) or a Parquet folder")  # fmt: skip
@@ -237,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"query {name}")
             for rank, (j, s) in enumerate(zip(idx, sims, strict=True), 1):
                 print(f"  {rank:3d}  {s:.4f}  {paths[int(j)]}")
-        sheet_rows += _rows(query_names, matches, paths, lambda p: "query")
+        sheet_rows += _rows(query_names, matches, paths, lambda p: f"query: {Path(p).name}")
     print(f"{n} images, D = {coll.vectors.shape[1]}, {index_kind} index, k = {cfg.k} → {cfg.output}")  # fmt: skip
     if cfg.duplicates is not None and found is not None:
         groups = duplicate_groups(coll.vectors, found, cfg.duplicates)

@@ -32,6 +32,14 @@ FORMAT = "simclr-embed/checkpoint/v1"
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and validate a checkpoint; raise ``SimclrError`` with a one-line reason if unusable."""
     path = Path(path)
+    if path.is_dir():
+        found = [p for p in (path / "checkpoints" / "last.pt", path / "last.pt") if p.is_file()]
+        hint = (
+            f"; did you mean {found[0]}?"
+            if found
+            else " (a run keeps it in OUT/checkpoints/last.pt)"
+        )
+        raise SimclrError(f"checkpoint {path} is a folder; give the .pt file{hint}")
     if not path.is_file():
         raise SimclrError(f"checkpoint not found: {path}")
     try:

@@ -158,6 +158,7 @@ def _run(cfg: TrainConfig, device: torch.device, stop: StopRequest) -> None:
     world, rank, cuda = dist.world_size(), dist.rank(), device.type == "cuda"
     out = Path(cfg.out)
     ckpt_dir = out / "checkpoints"
+    paths = find_images(cfg.data)  # before OUT is made: a typo in --data leaves nothing behind
     resuming = bool(dist.broadcast_object(agree(lambda: prepare_out_dir(out, cfg.resume))))
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -167,7 +168,6 @@ def _run(cfg: TrainConfig, device: torch.device, stop: StopRequest) -> None:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
 
-    paths = find_images(cfg.data)
     augment_on = resolve_augment_on(cfg.augment_on, device)
     augment = SimCLRAugment(
         cfg.image_size,

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from simclr_embed.cli import main as simclr
+from simclr_embed.neighbors import cli as cli_module
 from simclr_embed.neighbors.sheet import sheet_size
 from tests.neighbors.test_search import brute_force
 from tests.server.conftest import ServerThread, photo, serve_config
@@ -132,13 +133,19 @@ def test_planted_near_copies_are_grouped(
 
 
 def test_queries_through_the_model_and_a_server_agree(
-    embedded: Path, tiny_onnx: Path, tmp_path: Path, capsys
+    embedded: Path, tiny_onnx: Path, tmp_path: Path, capsys, monkeypatch
 ) -> None:
     data = embedded.parent / "data"
     queries = [str(data / "p03-crop.png"), str(data / "p10.jpg")]
     offline = tmp_path / "offline"
     argv = ["neighbors", "--embeddings", str(embedded), "--k", "3", "--query", *queries]
-    assert simclr([*argv, "--model", str(tiny_onnx), "--output", str(offline)]) == 0
+    drawn = []
+    real_draw = cli_module.draw_sheet
+    monkeypatch.setattr(cli_module, "draw_sheet", lambda rows, *a: drawn.extend(rows) or real_draw(rows, *a))  # fmt: skip
+    png = ["--png", str(tmp_path / "sheet.png")]
+    assert simclr([*argv, "--model", str(tiny_onnx), "--output", str(offline), *png]) == 0
+    # Each query row of the sheet is captioned with its file's name, not just "query".
+    assert [row[0].caption for row in drawn] == ["query: p03-crop.png", "query: p10.jpg"]
     printed = capsys.readouterr().out
     assert f"query {queries[0]}" in printed
     rows, neighbors, sims = _read(offline / "queries.parquet")
