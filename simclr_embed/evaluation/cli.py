@@ -25,7 +25,13 @@ from typing import Any
 import torch
 
 from simclr_embed.errors import SimclrError
-from simclr_embed.evaluation.features import build_embedder, embed_paths
+from simclr_embed.evaluation.features import (
+    Embedder,
+    PixelEmbedder,
+    TorchEmbedder,
+    build_embedder,
+    embed_paths,
+)
 from simclr_embed.evaluation.probe import linear_probe
 from simclr_embed.fileio import atomic_write_text
 from simclr_embed.labeled import check_same_classes, list_labeled
@@ -48,6 +54,8 @@ class EvalConfig:
     workers: int = 4
     device: str = "auto"
     json: str | None = None
+    baselines: tuple[str, ...] = ()  # untrained, pixels: scored the same way, printed beside
+    progress: bool = True
 
 
 def _l2(text: str) -> float | None:
@@ -114,7 +122,27 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="where the model, kNN and probe run [auto: cuda if available]",
     )
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument(
+        "--baselines",
+        type=_baselines,
+        default=(),
+        metavar="untrained,pixels",
+        help="also score these the same way and print them beside the model: untrained = the "
+        "same architecture at step 0 (seed 0), pixels = the raw-pixel input [none]",
+    )
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
+
+
+BASELINES = ("untrained", "pixels")
+
+
+def _baselines(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in BASELINES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(BASELINES)}, got {text!r}")  # fmt: skip
+    return names
 
 
 def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
@@ -135,6 +163,8 @@ def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
         parser.error(
             f"--model must be a .onnx file, a .pt checkpoint or 'pixels', got {args.model!r}"
         )
+    if args.model == "pixels" and "untrained" in args.baselines:
+        parser.error("--baselines untrained needs a model (.pt or .onnx), not --model pixels")
     return EvalConfig(**vars(args))
 
 
@@ -146,31 +176,27 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def evaluate(cfg: EvalConfig) -> dict[str, Any]:
-    """Embed both folders and score kNN and the linear probe; returns the JSON-able report."""
-    device = resolve_device(cfg.device)
-    train_paths, train_labels, classes = list_labeled(cfg.train)
-    val_paths, val_labels, val_classes = list_labeled(cfg.val)
-    check_same_classes(classes, val_classes)
-    embedder = build_embedder(cfg.model, device, cfg.image_size)
-    log.info(
-        "embedding %d + %d images with %s", len(train_paths), len(val_paths), embedder.description
-    )
+def _score(
+    cfg: EvalConfig,
+    embedder: Embedder,
+    data: tuple[list[Path], list[int], list[Path], list[int]],
+    num_classes: int,
+    device: torch.device,
+    name: str,
+) -> dict[str, Any]:
+    """Embed both folders with ``embedder``; kNN and (unless skipped) the linear probe."""
+    train_paths, train_labels, val_paths, val_labels = data
+    log.info("embedding %d + %d images with %s", len(train_paths), len(val_paths), embedder.description)  # fmt: skip
+    bar = (lambda what: f"{name}: {what}") if cfg.progress else (lambda what: None)
     t0 = time.perf_counter()
-    xtr, _ = embed_paths(embedder, train_paths, cfg.batch_size, cfg.workers)
-    xva, _ = embed_paths(embedder, val_paths, cfg.batch_size, cfg.workers)
+    xtr, _ = embed_paths(embedder, train_paths, cfg.batch_size, cfg.workers, bar("embed train"))
+    xva, _ = embed_paths(embedder, val_paths, cfg.batch_size, cfg.workers, bar("embed val"))
     embed_s = time.perf_counter() - t0
     xtr_t, xva_t = torch.from_numpy(xtr).to(device), torch.from_numpy(xva).to(device)
     ytr, yva = torch.tensor(train_labels), torch.tensor(val_labels)
-    knn = knn_top1(xtr_t, ytr.to(device), xva_t, yva, len(classes), cfg.k, cfg.knn_temperature)
-    report: dict[str, Any] = {
-        "model": cfg.model,
+    knn = knn_top1(xtr_t, ytr.to(device), xva_t, yva, num_classes, cfg.k, cfg.knn_temperature)
+    out: dict[str, Any] = {
         "model_description": embedder.description,
-        "train": cfg.train,
-        "val": cfg.val,
-        "classes": classes,
-        "num_train": len(train_paths),
-        "num_val": len(val_paths),
         "feature_dim": int(xtr.shape[1]),
         "image_size": embedder.image_size,
         "resize": embedder.resize,
@@ -178,13 +204,12 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "images_per_second": round((len(train_paths) + len(val_paths)) / max(embed_s, 1e-9), 1),
         "knn": {"top1": knn, "k": min(cfg.k, len(train_paths)), "temperature": cfg.knn_temperature},
         "probe": None,
-        "chance": 1.0 / len(classes),
-        "config": asdict(cfg),
     }
     if cfg.probe_epochs > 0:
         t1 = time.perf_counter()
-        probe = linear_probe(xtr_t, ytr, xva_t, yva, len(classes), cfg.probe_epochs, cfg.probe_l2)
-        report["probe"] = {
+        probe = linear_probe(xtr_t, ytr, xva_t, yva, num_classes, cfg.probe_epochs, cfg.probe_l2,
+                             progress=bar("linear probe"))  # fmt: skip
+        out["probe"] = {
             "top1": probe.top1,
             "train_top1": probe.train_top1,
             "train_loss": probe.train_loss,
@@ -195,6 +220,37 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             "l2_heldout_top1": {f"{k:g}": v for k, v in probe.l2_scores.items()},
             "seconds": round(time.perf_counter() - t1, 3),
         }
+    return out
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Embed both folders and score kNN and the linear probe (and each baseline the same way);
+    returns the JSON-able report."""
+    device = resolve_device(cfg.device)
+    train_paths, train_labels, classes = list_labeled(cfg.train)
+    val_paths, val_labels, val_classes = list_labeled(cfg.val)
+    check_same_classes(classes, val_classes)
+    data = (train_paths, train_labels, val_paths, val_labels)
+    embedder = build_embedder(cfg.model, device, cfg.image_size)
+    report: dict[str, Any] = {
+        "model": cfg.model,
+        "train": cfg.train,
+        "val": cfg.val,
+        "classes": classes,
+        "num_train": len(train_paths),
+        "num_val": len(val_paths),
+        **_score(cfg, embedder, data, len(classes), device, "model"),
+        "chance": 1.0 / len(classes),
+        "baselines": {},
+        "config": asdict(cfg),
+    }
+    for name in cfg.baselines:
+        base: Embedder = (
+            TorchEmbedder.untrained(cfg.model, device)
+            if name == "untrained"
+            else PixelEmbedder(embedder.image_size)  # at the model's own input size
+        )
+        report["baselines"][name] = _score(cfg, base, data, len(classes), device, name)
     return report
 
 
@@ -225,7 +281,18 @@ def format_report(r: dict[str, Any]) -> str:
             )
         )
     rows.append(("chance", f"{100 * r['chance']:6.2f}%"))
-    return "\n".join(f"{name:<12} {value}" for name, value in rows)
+    text = "\n".join(f"{name:<12} {value}" for name, value in rows)
+    if r.get("baselines"):
+
+        def cell(p: dict[str, Any] | None) -> str:
+            return f"{100 * p['top1']:6.2f}%" if p else "     -"
+
+        lines = ["", f"{'':<12} {'kNN top-1':>10} {'probe top-1':>12}"]
+        for name, res in [("model", r), *r["baselines"].items()]:
+            lines.append(f"{name:<12} {cell(res['knn']):>10} {cell(res['probe']):>12}")
+        lines.append(f"{'chance':<12} {100 * r['chance']:9.2f}%")
+        text += "\n".join(lines)
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from simclr_embed.errors import SimclrError
 from simclr_embed.imageio import IMAGENET_MEAN, IMAGENET_STD, load_uint8, resize_policy_for
@@ -95,21 +96,63 @@ class TorchEmbedder:
             raise SimclrError(
                 f"checkpoint {path} does not match its config: {str(exc).splitlines()[0]}"
             ) from exc
+        self._setup(model, cfg, device)
+        self.description = (
+            f"{path.name} (PyTorch, {model.arch}, {model.stem} stem, "
+            f"{self.image_size} px, step {ckpt['step']}, {device})"
+        )
+
+    def _setup(self, model: torch.nn.Module, cfg: dict, device: torch.device) -> None:
         self.model = model.eval().to(device)
         self.device = device
         self.image_size = int(cfg["image_size"])
         self.resize = resize_policy_for(self.image_size)
         self.mean = tuple(cfg.get("mean") or IMAGENET_MEAN)
         self.std = tuple(cfg.get("std") or IMAGENET_STD)
+
+    @classmethod
+    def untrained(cls, model: str, device: torch.device, seed: int = 0) -> TorchEmbedder:
+        """The same architecture as ``model`` (a ``.pt`` or an exported ``.onnx``) at step 0:
+        torchvision's initialization under ``seed`` — the baseline training must beat."""
+        from simclr_embed.training.model import build_model
+
+        cfg = _architecture(Path(model))
+        torch.manual_seed(seed)
+        net = build_model(cfg)
+        self = cls.__new__(cls)
+        self._setup(net, cfg, device)
         self.description = (
-            f"{path.name} (PyTorch, {model.arch}, {model.stem} stem, "
-            f"{self.image_size} px, step {ckpt['step']}, {device})"
+            f"untrained {net.arch} ({net.stem} stem, {self.image_size} px, step 0, seed {seed})"
         )
+        return self
 
     @torch.inference_mode()
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         x = normalize_uint8(torch.from_numpy(batch).to(self.device), self.mean, self.std)
         return self.model.forward_features(x).float().cpu().numpy()  # [N, F]
+
+
+def _architecture(path: Path) -> dict:
+    """arch, stem, image size, projection size and mean/std of a checkpoint or exported model."""
+    if path.suffix == ".pt":
+        from simclr_embed.training.checkpoint import load_checkpoint
+
+        return dict(load_checkpoint(path)["config"])
+    import onnxruntime as ort
+
+    meta = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta()
+    m = meta.custom_metadata_map
+    try:
+        return {
+            "arch": m["simclr.arch"],
+            "stem": m.get("simclr.stem"),
+            "image_size": int(m["simclr.image_size"]),
+            "proj_dim": int(m["simclr.projection_dim"]),
+            "mean": [float(v) for v in m["simclr.mean"].split(",")],
+            "std": [float(v) for v in m["simclr.std"].split(",")],
+        }
+    except (KeyError, ValueError) as exc:
+        raise SimclrError(f"{path}: its metadata does not say the architecture ({exc})") from None
 
 
 class PixelEmbedder:
@@ -142,7 +185,11 @@ def build_embedder(model: str, device: torch.device, image_size: int = 32) -> Em
 
 
 def embed_paths(
-    embedder: Embedder, paths: Sequence[Path], batch_size: int = 256, workers: int = 4
+    embedder: Embedder,
+    paths: Sequence[Path],
+    batch_size: int = 256,
+    workers: int = 4,
+    progress: str | None = None,
 ) -> tuple[np.ndarray, float]:
     """Features ``[N, F]`` of ``paths`` in order, and the images/s achieved (decode included).
 
@@ -155,7 +202,8 @@ def embed_paths(
     chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
     out: list[np.ndarray] = []
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(max(1, workers)) as pool:
+    bar = tqdm(total=len(paths), desc=progress, unit="img", disable=True if progress is None else None, leave=False)
+    with bar, ThreadPoolExecutor(max(1, workers)) as pool:
 
         def load(chunk: Sequence[Path]) -> np.ndarray:
             return np.stack(list(pool.map(lambda p: load_uint8(p, size, policy), chunk)))
@@ -167,6 +215,7 @@ def embed_paths(
                 if i + 1 < len(chunks):
                     pending = prefetch.submit(load, chunks[i + 1])
                 out.append(embedder(batch))
+                bar.update(len(batch))
     seconds = time.perf_counter() - t0
     feats = np.concatenate(out)
     if not np.isfinite(feats).all():

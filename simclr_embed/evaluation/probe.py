@@ -13,12 +13,13 @@ looked at), then the probe is refit on all training features with the chosen val
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ def fit_linear(
     iterations: int = 300,
     l2: float = 1e-3,
     init: torch.nn.Linear | None = None,
+    on_eval: Callable[[], object] | None = None,
 ) -> tuple[torch.nn.Linear, float, int]:
     """Fit ``Linear(D, K)`` to ``x`` ``[N, D]``, ``y`` ``[N]`` by full-batch L-BFGS.
 
@@ -76,6 +78,8 @@ def fit_linear(
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(layer(x), y) + 0.5 * l2 * layer.weight.square().sum()
         loss.backward()
+        if on_eval is not None:
+            on_eval()
         return loss
 
     with torch.enable_grad():
@@ -100,7 +104,12 @@ def holdout_split(labels: Tensor, every: int = HOLDOUT_EVERY) -> tuple[Tensor, T
 
 
 def select_l2(
-    x: Tensor, y: Tensor, num_classes: int, grid: Sequence[float], iterations: int
+    x: Tensor,
+    y: Tensor,
+    num_classes: int,
+    grid: Sequence[float],
+    iterations: int,
+    on_eval: Callable[[], object] | None = None,
 ) -> tuple[float, dict[float, float], torch.nn.Linear | None]:
     """The grid value with the best held-out top-1 (ties → the stronger penalty), all scores, and
     the layer fit with it (a warm start for the final fit)."""
@@ -111,7 +120,9 @@ def select_l2(
     layers: dict[float, torch.nn.Linear] = {}
     layer = None
     for l2 in sorted(grid, reverse=True):
-        layer, _, _ = fit_linear(x[fit_idx], y[fit_idx], num_classes, iterations, l2, init=layer)
+        layer, _, _ = fit_linear(
+            x[fit_idx], y[fit_idx], num_classes, iterations, l2, init=layer, on_eval=on_eval
+        )
         scores[float(l2)], layers[float(l2)] = _accuracy(layer, x[held_idx], y[held_idx]), layer
     best = max(scores, key=lambda v: (scores[v], v))
     return best, scores, layers[best]
@@ -126,6 +137,7 @@ def linear_probe(
     iterations: int = 300,
     l2: float | None = None,
     grid: Sequence[float] = DEFAULT_L2_GRID,
+    progress: str | None = None,
 ) -> ProbeResult:
     """Standardize, fit on train (``l2=None``: choose it on a held-out part of train), score query.
 
@@ -141,14 +153,20 @@ def linear_probe(
     yq = query_labels.to(device).long()
     scores: dict[float, float] = {}
     init = None
+    # L-BFGS evaluations: up to ~`iterations` per fit, one fit per grid value and the final one.
+    fits = 1 + (len(grid) if l2 is None else 0)
+    bar = tqdm(total=fits * iterations, desc=progress, unit="eval", disable=True if progress is None else None, leave=False)  # fmt: skip
     if l2 is None:
-        l2, scores, init = select_l2(xtr, ytr, num_classes, grid, iterations)
+        l2, scores, init = select_l2(xtr, ytr, num_classes, grid, iterations, on_eval=bar.update)
         log.info(
             "linear probe: l2 %g chosen on a held-out part of train (%s)",
             l2,
             ", ".join(f"{k:g}: {v:.4f}" for k, v in scores.items()),
         )
-    layer, loss, n_iter = fit_linear(xtr, ytr, num_classes, iterations, l2, init=init)
+    layer, loss, n_iter = fit_linear(
+        xtr, ytr, num_classes, iterations, l2, init=init, on_eval=bar.update
+    )
+    bar.close()
     result = ProbeResult(
         top1=_accuracy(layer, xq, yq),
         train_top1=_accuracy(layer, xtr, ytr),

@@ -212,3 +212,72 @@ def test_module_entry_point_exit_codes(tmp_path: Path) -> None:
         [*base, "--train", str(good)], capture_output=True, text=True, timeout=120
     )
     assert usage.returncode == 2 and "--val" in usage.stderr
+
+
+def test_baselines_are_scored_the_same_way_beside_the_model(
+    tiny_checkpoint: Path, tiny_onnx: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--baselines untrained,pixels: each equals its own evaluation run separately — the step-0
+    network of the same architecture (seed 0) written as a checkpoint, and --model pixels."""
+    import torch
+
+    from simclr_embed.training.checkpoint import load_checkpoint
+    from simclr_embed.training.model import build_model
+    from tests.conftest import write_checkpoint
+
+    train = write_colour_folder(tmp_path / "train", per_class=6, seed=1)
+    val = write_colour_folder(tmp_path / "val", per_class=4, seed=2)
+    common = ["--train", str(train), "--val", str(val), "--k", "3", "--probe-epochs", "30",
+              "--probe-l2", "1e-2", "--device", "cpu"]  # fmt: skip
+    both = run_eval(["--model", str(tiny_onnx), *common, "--baselines", "untrained,pixels"], tmp_path)  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "untrained" in printed and "pixels" in printed and "chance" in printed
+    cfg = load_checkpoint(tiny_checkpoint)["config"]
+    torch.manual_seed(0)
+    step0 = write_checkpoint(tmp_path / "step0.pt", build_model(cfg), cfg, step=0)
+    alone = run_eval(["--model", str(step0), *common], tmp_path)
+    pixels = run_eval(["--model", "pixels", "--image-size", "32", *common], tmp_path)
+    for name, ref in (("untrained", alone), ("pixels", pixels)):
+        got = both["baselines"][name]
+        assert got["knn"] == ref["knn"], name
+        assert got["probe"]["top1"] == pytest.approx(ref["probe"]["top1"]), name
+        assert got["feature_dim"] == ref["feature_dim"]
+    with pytest.raises(SystemExit) as exit_:
+        simclr(["evaluate", "--model", "pixels", *common, "--baselines", "untrained"])
+    assert exit_.value.code == 2
+    with pytest.raises(SystemExit) as exit_:
+        simclr(["evaluate", "--model", str(tiny_onnx), *common, "--baselines", "random"])
+    assert exit_.value.code == 2
+
+
+def test_a_terminal_sees_progress_of_the_embedding_and_the_probe(tmp_path: Path) -> None:
+    """In a real pseudo-terminal the slow stages draw bars (the probe ran minutes silent)."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    train = write_colour_folder(tmp_path / "train", per_class=6, seed=1)
+    master, slave = pty.openpty()
+    # A new pty is 0×0, and tqdm draws nothing in no columns: give it a terminal's 80×24.
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "simclr_embed.cli", "evaluate", "--model", "pixels",
+         "--train", str(train), "--val", str(train), "--probe-epochs", "20", "--device", "cpu"],
+        stdout=slave, stderr=slave, close_fds=True,
+    )  # fmt: skip
+    os.close(slave)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the pty closes when the process ends
+            break
+        if not chunk:
+            break
+        seen += chunk
+    assert proc.wait(60) == 0
+    os.close(master)
+    text = seen.decode(errors="replace")
+    assert "model: embed train" in text and "model: linear probe" in text, text[-2000:]
