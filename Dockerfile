@@ -52,17 +52,15 @@ FROM python AS serve
 LABEL org.opencontainers.image.title="simclr-embed serve" \
       org.opencontainers.image.description="gRPC embedding server (ONNX Runtime CUDA, dynamic batching)"
 COPY --from=serve-build /opt/venv /opt/venv
-COPY --chmod=755 deploy/healthcheck.py /usr/local/bin/simclr-healthcheck
 RUN useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin simclr
 USER 10001:10001
 WORKDIR /models
 # 50051 gRPC (Embed, GetModelInfo, grpc.health.v1, reflection); 9090 Prometheus /metrics.
 EXPOSE 50051 9090
-ENV SIMCLR_HEALTH_TARGET=127.0.0.1:50051
 # The health service answers NOT_SERVING until the model is loaded and warmed up; start-period
 # covers that (cuDNN autotuning of the warm-up batch sizes can take tens of seconds).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["simclr-healthcheck"]
+    CMD ["simclr", "health", "--target", "127.0.0.1:50051"]
 ENTRYPOINT ["simclr", "serve"]
 # 0.0.0.0: inside a container the published port reaches the server only on all interfaces
 # (the CLI's own default stays 127.0.0.1).

@@ -9,11 +9,19 @@ STAMP  := $(VENV)/.installed
 
 venv: $(STAMP)
 
+# CPU=1: ONNX Runtime's CPU build instead of onnxruntime-gpu (extra all-cpu; `make clean` first when
+# switching an existing venv). TORCH_INDEX=URL: torch/torchvision from that index first — PyTorch's
+# CPU wheel index gives a torch without the ~3 GB of CUDA libraries that PyPI's build carries.
+CPU ?=
+TORCH_INDEX ?=
+EXTRAS := $(if $(CPU),all-cpu,all)
+
 # Reinstall only when the project's dependency list changes.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -e '.[all,dev]'
+	$(if $(TORCH_INDEX),$(PIP) install --quiet 'torch<2.15' 'torchvision<0.30' --index-url '$(TORCH_INDEX)')
+	$(PIP) install --quiet -e '.[$(EXTRAS),dev]'
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -108,3 +108,29 @@ def test_readme_client_snippet_runs_beside_the_users_own_server_py(
 def test_module_forms_answer_help(tmp_path: Path, module: str) -> None:
     run = _run([sys.executable, "-m", module, "--help"], _shadowing_folder(tmp_path))
     assert run.returncode == 0 and "usage:" in run.stdout, run.stderr[-1000:]
+
+
+def test_cpu_extras_are_the_default_ones_on_the_cpu_onnxruntime() -> None:
+    """serve-cpu/export-cpu carry exactly what serve/export carry, with ONNX Runtime's CPU build
+    instead of onnxruntime-gpu (no drift between the two routes); serve-cpu has no torch."""
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+    def names(reqs: list[str], drop_gpu: bool) -> set[str]:
+        out = set()
+        for req in reqs:
+            name = re.split(r"[<>=!;\[ ]", req, maxsplit=1)[0].strip().lower()
+            if drop_gpu and name in ("onnxruntime-gpu", "onnxruntime"):
+                continue
+            out.add(name)
+        return out
+
+    for base in ("serve", "export"):
+        cpu = extras[f"{base}-cpu"]
+        assert not any("onnxruntime-gpu" in r or "nvidia" in r for r in cpu), cpu
+        assert "onnxruntime>=1.20" in cpu
+        assert names(cpu, True) == names(extras[base], True), base
+    assert "torch" not in names(extras["serve-cpu"], False)
+    (all_cpu,) = extras["all-cpu"]
+    assert "serve-cpu" in all_cpu and "export-cpu" in all_cpu and "serve," not in all_cpu

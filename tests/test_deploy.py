@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import shlex
 import subprocess
-import sys
-from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 
 import pytest
@@ -121,56 +118,6 @@ def test_launcher_refuses_missing_settings(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert r.returncode != 0 and "NNODES" in r.stderr
-
-
-@pytest.fixture
-def health_server() -> Iterator[tuple[str, object]]:
-    """A real gRPC server with only the standard health service, on a free loopback port."""
-    import grpc
-    from grpc_health.v1 import health, health_pb2_grpc
-
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield f"127.0.0.1:{port}", servicer
-    finally:
-        server.stop(0).wait()
-
-
-def _healthcheck(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(DEPLOY / "healthcheck.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
-def test_healthcheck_script_follows_the_health_service(health_server) -> None:
-    from grpc_health.v1 import health_pb2
-
-    target, servicer = health_server
-    servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-    r = _healthcheck(target)
-    assert r.returncode == 1 and r.stdout.strip() == "NOT_SERVING"
-    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    r = _healthcheck(target)
-    assert r.returncode == 0 and r.stdout.strip() == "SERVING"
-    r = _healthcheck(target, "--service", "simclr.v1.EmbeddingService")
-    assert r.returncode == 1 and "NOT_FOUND" in r.stdout
-
-
-def test_healthcheck_script_without_a_server() -> None:
-    import socket
-
-    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    r = _healthcheck(f"127.0.0.1:{port}", "--timeout", "1")
-    assert r.returncode == 1 and r.stdout.startswith("unhealthy:")
 
 
 def test_triton_notes_use_the_real_export_flags() -> None:

@@ -129,8 +129,11 @@ def test_serve_runtime_contract(dockerfile) -> None:
     assert "50051" in " ".join(serve.all("EXPOSE")).split()
     (health,) = serve.all("HEALTHCHECK")
     cmd = json.loads(health.split("CMD", 1)[1].strip())
-    copied = {c.split()[-1] for c in serve.all("COPY")}
-    assert cmd[0] in {Path(p).name for p in copied}  # the script the health check runs is in it
+    # The same check as `simclr health` (tests/server/test_health_cli.py), with flags it takes.
+    from simclr_embed.client.health import build_parser as health_parser
+
+    assert cmd[:2] == ["simclr", "health"]
+    assert health_parser().parse_args(cmd[2:]).target == "127.0.0.1:50051"
     # The default CMD holds flags the real `simclr serve` accepts.
     from simclr_embed.server.config import build_parser
 
@@ -177,9 +180,9 @@ def test_every_copy_source_exists_and_is_in_the_context(dockerfile) -> None:
 
 def test_dockerignore_keeps_local_state_out() -> None:
     patterns = _dockerignore()
-    for path in (".venv", "runs", ".git", "server/__pycache__", "simclr_embed.egg-info"):
+    for path in (".venv", "runs", ".git", "simclr_embed/server/__pycache__", "simclr_embed.egg-info"):
         assert _ignored(path, patterns), path
-    for path in ("pyproject.toml", "README.md", "server/app.py", "deploy/healthcheck.py"):
+    for path in ("pyproject.toml", "README.md", "simclr_embed/server/app.py", "deploy/k8s.yaml"):
         assert not _ignored(path, patterns), path
 
 
