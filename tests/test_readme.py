@@ -74,6 +74,12 @@ def _parse_neighbors(argv: list[str]) -> None:
     parse_config(argv)
 
 
+def _parse_health(argv: list[str]) -> None:
+    from simclr_embed.client.health import build_parser
+
+    build_parser().parse_args(argv)
+
+
 def _parse_demo(argv: list[str]) -> None:
     from simclr_embed.demo.pipeline import get_args_parser
 
@@ -93,6 +99,7 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], None]] = {
     "embed": _parse_embed,
     "evaluate": _parse_evaluate,
     "neighbors": _parse_neighbors,
+    "health": _parse_health,
 }
 MODULES: dict[str, Callable[[list[str]], None]] = {
     "simclr_embed.training": _parse_train,
