@@ -115,7 +115,9 @@ def test_cpu_extras_are_the_default_ones_on_the_cpu_onnxruntime() -> None:
     instead of onnxruntime-gpu (no drift between the two routes); serve-cpu has no torch."""
     import tomllib
 
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
 
     def names(reqs: list[str], drop_gpu: bool) -> set[str]:
         out = set()

@@ -180,7 +180,13 @@ def test_every_copy_source_exists_and_is_in_the_context(dockerfile) -> None:
 
 def test_dockerignore_keeps_local_state_out() -> None:
     patterns = _dockerignore()
-    for path in (".venv", "runs", ".git", "simclr_embed/server/__pycache__", "simclr_embed.egg-info"):
+    for path in (
+        ".venv",
+        "runs",
+        ".git",
+        "simclr_embed/server/__pycache__",
+        "simclr_embed.egg-info",
+    ):
         assert _ignored(path, patterns), path
     for path in ("pyproject.toml", "README.md", "simclr_embed/server/app.py", "deploy/k8s.yaml"):
         assert not _ignored(path, patterns), path

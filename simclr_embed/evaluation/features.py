@@ -202,7 +202,13 @@ def embed_paths(
     chunks = [paths[i : i + batch_size] for i in range(0, len(paths), batch_size)]
     out: list[np.ndarray] = []
     t0 = time.perf_counter()
-    bar = tqdm(total=len(paths), desc=progress, unit="img", disable=True if progress is None else None, leave=False)
+    bar = tqdm(
+        total=len(paths),
+        desc=progress,
+        unit="img",
+        disable=True if progress is None else None,
+        leave=False,
+    )
     with bar, ThreadPoolExecutor(max(1, workers)) as pool:
 
         def load(chunk: Sequence[Path]) -> np.ndarray:

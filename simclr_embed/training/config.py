@@ -46,6 +46,7 @@ class TrainConfig:
     batch_size: int = 256  # per process
     epochs: int = 100
     max_steps: int | None = None  # when set: the whole run's length in optimizer steps
+    time_budget_s: float | None = None  # when set: the length from the measured rate (budget.py)
     lr: float = 0.3  # base lr per 256 images
     lr_scaling: str = "linear"
     optimizer: str = "lars"
@@ -151,6 +152,16 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="total optimizer steps; lays out the lr schedule",
+    )
+    o.add_argument(
+        "--time-budget",
+        type=_duration,
+        default=None,
+        metavar="DURATION",
+        dest="time_budget_s",
+        help="train for this long (45m, 2h, 90s, 1h30m) instead of a step count: the run's "
+        "length is fixed from its measured step rate so it ends on time with the lr schedule "
+        "complete; exclusive with --max-steps/--epochs",
     )
     o.add_argument(
         "--lr", type=float, default=0.3, help="base lr per 256 images (scaled by the global batch)"
@@ -259,6 +270,43 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _duration(value: str) -> float:
+    from simclr_embed.training.budget import parse_duration
+
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+LENGTH_FLAGS = ("--max-steps", "--epochs")
+
+
+def _given(argv: Sequence[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def _length_conflict(
+    file_keys: set[str], argv: Sequence[str], parser: argparse.ArgumentParser
+) -> set[str]:
+    """--time-budget and --max-steps/--epochs name the run's length two ways: both on the command
+    line (or both in the file) is an error; across the two, the command line wins. Returns the
+    file keys the command line overrides this way."""
+    cli_budget = _given(argv, "--time-budget")
+    cli_length = [f for f in LENGTH_FLAGS if _given(argv, f)]
+    if cli_budget and cli_length:
+        parser.error(f"argument --time-budget: not allowed with {cli_length[0]} (one way to say how long)")  # fmt: skip
+    file_budget = "time_budget_s" in file_keys or "time_budget" in file_keys
+    file_length = [k for k in ("max_steps", "epochs") if k in file_keys]
+    if file_budget and "max_steps" in file_keys and not cli_budget and not cli_length:
+        parser.error("argument --config: time_budget and max_steps both set in the file")
+    if cli_budget:
+        return set(file_length) - {"epochs"}  # epochs still sets the warm-up fraction
+    if cli_length:
+        return {"time_budget", "time_budget_s"} & file_keys
+    return set()
+
+
 def _resume_mode(value: str) -> str:
     """``--resume`` [yes] / ``--resume auto``; a config file may say true/false/auto."""
     v = str(value).strip().lower()
@@ -295,10 +343,11 @@ def _file_to_argv(data: dict[str, Any], parser: argparse.ArgumentParser, path: s
     actions = {
         a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")
     }
+    by_flag = {a.option_strings[0]: a for a in actions.values()}  # time_budget → --time-budget
     argv: list[str] = []
     for raw_key, value in data.items():
         key = str(raw_key).replace("-", "_")
-        action = actions.get(key)
+        action = actions.get(key) or by_flag.get("--" + key.replace("_", "-"))
         if action is None:
             parser.error(f"argument --config: unknown key {raw_key!r} in {path}")
         flag = action.option_strings[0]
@@ -324,7 +373,13 @@ def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     if known.config:
-        argv = _file_to_argv(_load_file(known.config, parser), parser, known.config) + argv
+        data = _load_file(known.config, parser)
+        keys = {str(k).replace("-", "_") for k in data}
+        dropped = _length_conflict(keys, argv, parser)
+        data = {k: v for k, v in data.items() if str(k).replace("-", "_") not in dropped}
+        argv = _file_to_argv(data, parser, known.config) + argv
+    else:
+        _length_conflict(set(), argv, parser)
     args = parser.parse_args(argv)
     return config_from_args(args, parser)
 
@@ -384,6 +439,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         batch_size=args.batch_size,
         epochs=args.epochs,
         max_steps=args.max_steps,
+        time_budget_s=args.time_budget_s,
         lr=args.lr,
         lr_scaling=args.lr_scaling,
         optimizer=args.optimizer,

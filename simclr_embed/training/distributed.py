@@ -100,6 +100,16 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+def min_over_ranks(value: float) -> float:
+    """The smallest ``value`` of all ranks, on every rank (one host all-reduce; see
+    :func:`any_rank`): the rate the slowest rank can keep."""
+    if not is_distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=_host_group)
+    return float(t.item())
+
+
 def all_ranks(flag: bool) -> bool:
     """True on every rank only when ``flag`` is True on all of them (see :func:`any_rank`)."""
     return not any_rank(not flag)

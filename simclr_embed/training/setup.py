@@ -93,14 +93,18 @@ def resolve_run(
     world: int,
     device: torch.device,
     amp_dtype: torch.dtype | None,
+    total_steps: int | None = None,
+    warmup_steps: int | None = None,
 ) -> dict[str, Any]:
     """The resolved config: every ``TrainConfig`` field plus what the run derived from them.
+
+    ``total_steps``/``warmup_steps``: a ``--time-budget`` plan's (``training.budget``).
 
     Saved as ``OUT/config.json`` and inside every checkpoint (export and evaluation read
     ``arch``, ``stem``, ``image_size``, ``proj_dim``, ``mean``, ``std``, ``resize`` from it).
     """
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    warmup = cfg.warmup_steps
+    total_steps = total_steps or cfg.max_steps or cfg.epochs * steps_per_epoch
+    warmup = cfg.warmup_steps if warmup_steps is None else warmup_steps
     if warmup is None:
         # The same fraction of the run whatever its length: --max-steps shortens the warm-up too.
         warmup = round(total_steps * min(1.0, cfg.warmup_epochs / cfg.epochs))

@@ -15,6 +15,7 @@ the global batch. See docs/training.md.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -31,9 +32,10 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from simclr_embed.errors import SimclrError
 from simclr_embed.fileio import atomic_write_text
+from simclr_embed.training import budget
 from simclr_embed.training import distributed as dist
 from simclr_embed.training.augment import SimCLRAugment
-from simclr_embed.training.checkpoint import capture_rng_state, save_checkpoint
+from simclr_embed.training.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
 from simclr_embed.training.config import TrainConfig
 from simclr_embed.training.data import build_train_loader, find_images
 from simclr_embed.training.device_augment import (
@@ -42,7 +44,7 @@ from simclr_embed.training.device_augment import (
     step_generator,
 )
 from simclr_embed.training.loss import nt_xent_loss_and_accuracy
-from simclr_embed.training.optim import build_optimizer, warmup_cosine
+from simclr_embed.training.optim import build_optimizer, scaled_lr, warmup_cosine
 from simclr_embed.training.preemption import StopRequest
 from simclr_embed.training.reporting import Reporter
 from simclr_embed.training.resume import agree, load_resume_state, prepare_out_dir
@@ -199,6 +201,24 @@ def _run(cfg: TrainConfig, device: torch.device, stop: StopRequest) -> None:
             f"--data {cfg.data} has {len(paths)} images, fewer than one global "
             f"batch ({cfg.batch_size} × {world} processes); lower --batch-size"
         )
+    peak_lr = scaled_lr(cfg.lr, global_batch, cfg.lr_scaling)
+    raw_model = build_model(cfg, device, world, resuming)  # checkpoints/kNN use it: no wrappers
+    optimizer = build_optimizer(cfg.optimizer, raw_model, peak_lr, cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    model = raw_model
+    if world > 1:
+        model = DDP(model, device_ids=[device.index] if cuda else None)
+    if cfg.compile:
+        model = torch.compile(model)  # after DDP, so DDP's bucketing can split the graph
+    plan = None
+    if cfg.time_budget_s is not None:  # the run's length from its own measured step rate
+        step_args = dict(model=model, optimizer=optimizer, scaler=scaler, loader=loader,
+                         sampler=sampler, device=device, amp_dtype=amp_dtype,
+                         channels_last=cuda, stop=stop, appearance=appearance)  # fmt: skip
+        plan = _budget_plan(cfg, raw_model, resuming, ckpt_dir, global_batch, steps_per_epoch, step_args)  # fmt: skip
+        if plan is None:
+            logger.warning("stopped by %s while measuring the step rate; nothing to save", stop.signal_name)  # fmt: skip
+            return
     resolved = resolve_run(
         cfg,
         num_images=len(paths),
@@ -206,14 +226,14 @@ def _run(cfg: TrainConfig, device: torch.device, stop: StopRequest) -> None:
         world=world,
         device=device,
         amp_dtype=amp_dtype,
+        total_steps=plan["total_steps"] if plan else None,
+        warmup_steps=plan["warmup_steps"] if plan else None,
     )
     resolved["augment_on"] = augment_on
-    total_steps, peak_lr = resolved["total_steps"], resolved["peak_lr"]
-
-    raw_model = build_model(cfg, device, world, resuming)  # checkpoints/kNN use it: no wrappers
-    optimizer = build_optimizer(cfg.optimizer, raw_model, peak_lr, cfg.weight_decay)
+    if plan is not None:
+        resolved["time_budget"] = plan
+    total_steps = resolved["total_steps"]
     scheduler = warmup_cosine(optimizer, resolved["warmup_steps"], total_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     stop_step = min(total_steps, cfg.stop_after_steps or total_steps)
     state = RunState(0, 0, 0, steps_per_epoch, total_steps, stop_step)
     if resuming:
@@ -225,11 +245,6 @@ def _run(cfg: TrainConfig, device: torch.device, stop: StopRequest) -> None:
                 "%s already finished: step %d of %d; nothing to do", out, state.step, total_steps
             )
             return
-    model = raw_model
-    if world > 1:
-        model = DDP(model, device_ids=[device.index] if cuda else None)
-    if cfg.compile:
-        model = torch.compile(model)  # after DDP, so DDP's bucketing can split the graph
 
     eval_sets = None
     if cfg.eval_data:  # read on rank 0; a bad folder stops every rank with the same message
@@ -365,3 +380,69 @@ def _run(cfg: TrainConfig, device: torch.device, stop: StopRequest) -> None:
         )
     else:
         logger.info("done: %d steps; checkpoints in %s", state.step, ckpt_dir)
+
+
+def _budget_plan(
+    cfg: TrainConfig,
+    raw_model: nn.Module,
+    resuming: bool,
+    ckpt_dir: Path,
+    global_batch: int,
+    steps_per_epoch: int,
+    step_args: dict[str, Any],
+) -> dict[str, Any] | None:
+    """``--time-budget``: the interrupted run's plan, or a new one from a calibration whose
+    steps are rolled back (``training.budget``); None when a signal stopped the calibration."""
+    if resuming:  # the same plan as before the interruption: exact, not measured again
+
+        def recorded() -> Any:
+            return torch.load(ckpt_dir / "last.pt", map_location="cpu", weights_only=True)["config"].get("time_budget")  # fmt: skip
+
+        plan = dist.broadcast_object(recorded() if dist.is_primary() else None)
+        if plan is None:
+            raise SimclrError(
+                f"--time-budget: {ckpt_dir / 'last.pt'} was not planned by a time budget; "
+                "resume it with its own --max-steps/--epochs"
+            )
+        logger.info("%s (the interrupted run's plan)", budget.describe(plan))
+        return plan
+    snapshot = (
+        copy.deepcopy(raw_model.state_dict()),
+        copy.deepcopy(step_args["optimizer"].state_dict()),
+        step_args["scaler"].state_dict(),
+        capture_rng_state(),
+    )
+    zero_lr = torch.optim.lr_scheduler.LambdaLR(step_args["optimizer"], lambda _: 0.0)
+    state = RunState(0, 0, 0, steps_per_epoch, total_steps=1 << 62, stop_step=1 << 62)
+    sampler = step_args.pop("sampler")
+    model, optimizer, scaler, loader = (step_args.pop(k) for k in ("model", "optimizer", "scaler", "loader"))  # fmt: skip
+    device = step_args.pop("device")
+
+    def run_steps(tick: Callable[[], bool]) -> None:
+        def on_step() -> None:
+            if not tick():
+                state.stop_step = state.step
+
+        while state.step < state.stop_step and state.stopped_by is None:
+            sampler.set_epoch(state.epoch, start_batch=state.batch_in_epoch)
+            train_one_epoch(model, optimizer, zero_lr, loader, device, state.epoch, cfg, state,
+                            budget._Quiet(), scaler, on_step=on_step, **step_args)  # type: ignore[arg-type]  # fmt: skip
+            if state.batch_in_epoch >= steps_per_epoch:
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+
+    rate, spent = budget.measure(run_steps, cfg.time_budget_s)
+    raw_model.load_state_dict(snapshot[0])  # the calibration leaves no trace in the run
+    optimizer.load_state_dict(snapshot[1])
+    if scaler.is_enabled():
+        scaler.load_state_dict(snapshot[2])
+    restore_rng_state(snapshot[3])
+    if state.stopped_by is not None:
+        return None
+    rate = dist.min_over_ranks(rate)  # every rank: the slowest rank's rate, the same plan
+    spent = -dist.min_over_ranks(-spent)
+    fraction = min(1.0, cfg.warmup_epochs / cfg.epochs)
+    plan = budget.plan(cfg.time_budget_s, spent, rate, global_batch, fraction)
+    if cfg.warmup_steps is not None:
+        plan["warmup_steps"] = min(plan["total_steps"], cfg.warmup_steps)
+    logger.info("%s", budget.describe(plan))
+    return plan

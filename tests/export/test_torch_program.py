@@ -125,6 +125,7 @@ def test_bad_programs_and_flags(exported: tuple[Path, Path], tmp_path: Path, cap
 
 
 def test_without_torch_the_server_names_the_extra(tmp_path: Path) -> None:
+    (tmp_path / "m.pt2").write_bytes(b"PK\x03\x04")  # a program file is there; torch is not
     code = (
         "import sys; sys.modules['torch'] = None\n"  # as if torch were not installed
         "from simclr_embed.inference.runtime import open_runtime\n"

@@ -242,8 +242,10 @@ def test_retrying_client_survives_a_restart_on_the_same_port(tiny_onnx: Path) ->
         threads = [threading.Thread(target=client, daemon=True) for _ in range(4)]
         for t in threads:
             t.start()
+        end = time.monotonic() + 60  # bounded: a stuck client fails here, not at pytest's timeout
         while len(answered) < 20:
             assert not errors, errors
+            assert time.monotonic() < end, f"only {len(answered)} answers in 60 s"
             time.sleep(0.01)
         first.terminate()
         assert first.wait(timeout=30) == 0
