@@ -108,3 +108,14 @@ def test_server_is_stopped_when_a_step_fails(tiny_onnx: Path, tmp_path: Path) ->
     assert "draining" in log and "stopped" in log  # it got SIGTERM and drained
     port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)", log).group(1))
     assert _port_is_free(port)
+
+
+def test_a_budgeted_report_says_the_steps_reached_and_what_the_budget_gives_elsewhere() -> None:
+    from simclr_embed.demo.pipeline import REFERENCE_RATES, _budget_lines
+
+    plan = {"budget_s": 180.0, "images_per_s": 126.0, "total_steps": 170}
+    (line,) = _budget_lines({"plan": plan})
+    assert "time budget 3 min at 126 img/s (measured) → 170 steps" in line
+    for name, rate in REFERENCE_RATES:  # steps scale with the rate: 170 × rate / 126
+        assert f"~{round(170 * rate / 126)} steps on {name} ({rate:.0f} img/s)" in line
+    assert _budget_lines({"plan": None}) == []
