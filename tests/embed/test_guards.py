@@ -218,3 +218,19 @@ def test_overwrite_of_a_parquet_folder_keeps_the_old_one_until_the_new_is_comple
     new = pq.read_table(out)
     assert new.num_rows == old.num_rows and not new.equals(old)
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no staging left
+
+
+def test_a_ray_actor_refuses_a_model_file_replaced_after_the_job_started(
+    tiny_onnx: Path, other_onnx: Path
+) -> None:
+    """Each Ray actor opens the model file itself: if it now holds another model, the actor
+    refuses to start (Ray then fails the job) instead of writing that model's vectors."""
+    from simclr_embed.embed.ray_job import Embed
+    from simclr_embed.errors import SimclrError
+    from simclr_embed.inference.runtime import open_runtime
+
+    version = open_runtime(tiny_onnx, device="cpu", max_batch_size=1).info.model_version
+    job = {"model_version": version, "dimension": 512}
+    Embed(str(tiny_onnx), "cpu", 4, "features", False, job)  # the job's own model: fine
+    with pytest.raises(SimclrError, match=f"now holds model {OTHER_VERSION}.*started with model {version}"):  # fmt: skip
+        Embed(str(other_onnx), "cpu", 4, "features", False, job)
