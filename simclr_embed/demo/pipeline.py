@@ -50,17 +50,17 @@ class DemoConfig:
     arch: str = "resnet18"
     image_size: int = 32
     stem: str = "standard"
-    # Training runs for a time, not a step count: CPUs differ ~3x in what they do in a minute
+    # Training runs for a time, not a step count: CPUs differ ~5x in what they do in a minute
     # (native bf16 or AVX2-only fp32), and the demo's promise is in minutes. --steps N instead
-    # fixes the length. Measured on the sample set (kNN agreement, untrained 37%): LARS lr 0.3
-    # with colour strength 0.5 (the CIFAR recipe) barely moved it in 300 steps (+5 points), lr
-    # 4.0 overshot (22%); lr 1.0 with full-strength jitter gave 68%. Temperature 0.5 scored 3
-    # points under 0.2 at 200 steps.
-    time_budget: str = "3m"
+    # fixes the length. Measured on the sample set (kNN agreement, untrained 37%; benchmarks.md
+    # "Demo"): an AVX2-only CPU (63 img/s) gets ~148 steps of 128 in 5 minutes — 58% with LARS
+    # lr 2.0, 46.5% with 1.0; in 3 minutes (88 steps) 43.5% / 35.5%. A bf16 CPU gets ~775 steps:
+    # 76% with lr 2.0. lr 4.0 overshot (22% at 300 steps); T 0.5 scored 3 points under 0.2.
+    time_budget: str = "5m"
     steps: int | None = None
     precision: str = "auto"
     batch_size: int = 128
-    lr: float = 1.0
+    lr: float = 2.0
     temperature: float = 0.2
     color_strength: float = 1.0
     workers: int | None = None  # None: fitted to the cores (cpu_training_plan)

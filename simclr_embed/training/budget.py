@@ -4,7 +4,8 @@ A user knows how long they can wait, not their CPU's arithmetic (the same recipe
 img/s on a CPU with native bf16 and at 40 on an AVX2-only one). The run's length is fixed once,
 from its own measured step rate, before the first real step:
 
-1. calibration: ``settle`` steps (start-up, allocations, DataLoader workers, ``--compile``) and then
+1. calibration: ``settle`` steps (start-up, allocations, DataLoader workers, ``--compile``; at
+   least 2 and at least 1 % of the budget: the first seconds run slower than the rest) and then
    at least ``min_steps`` timed steps (and at least ~1.5 % of the budget), with the learning rate
    at zero; the model, optimizer, scaler and RNG are then restored, so the calibration leaves no
    trace in the weights — a budget run is bit-identical to ``--max-steps N`` with its plan's N;
@@ -26,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 SETTLE_STEPS = 2  # not timed: first-iteration allocations, worker start-up, compilation
+SETTLE_FRACTION = 0.01  # and not before 1 % of the budget: the first seconds run slower (measured)
 MIN_STEPS = 3  # timed steps at least
 MAX_STEPS = 50  # timed steps at most
 MIN_FRACTION = 0.015  # and at least this share of the budget, for a steadier rate
@@ -104,17 +106,19 @@ def measure(
     a pause between the settle and the timed steps (a new DataLoader iterator) would be timed."""
     marks: list[float] = []
     started = clock()
-    target: list[int] = []
+    target: list[int] = []  # [settle steps, all steps], once the settling is over
 
     def tick() -> bool:
         marks.append(clock())
-        if len(marks) == SETTLE_STEPS:  # the last settle step is the first steady one
+        settled = len(marks) >= SETTLE_STEPS and marks[-1] - started >= SETTLE_FRACTION * budget_s
+        if settled and not target:
             last = marks[-1] - (marks[-2] if len(marks) > 1 else started)
-            target.append(SETTLE_STEPS + timed_steps(budget_s, last))
-        return not target or len(marks) < target[0]
+            target.extend([len(marks), len(marks) + timed_steps(budget_s, last)])
+        return not target or len(marks) < target[1]
 
     run(tick)
-    timed = marks[SETTLE_STEPS - 1 :]  # from the end of the settle steps
+    settle = target[0] if target else SETTLE_STEPS
+    timed = marks[settle - 1 :]  # from the end of the settle steps
     n = len(timed) - 1
     rate = n / max(timed[-1] - timed[0], 1e-9) if n > 0 else 0.0
     return rate, clock() - started

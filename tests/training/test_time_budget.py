@@ -51,8 +51,9 @@ def test_the_plan_on_a_fake_clock() -> None:
 
     rate, spent = budget.measure(run, budget_s=600, clock=clock)
     assert rate == pytest.approx(2.0)  # 0.5 s per step, the 5 s start-up excluded
-    # Timed: max(1.5 % of 600 s = 9 s, min(2 s, 30 s)) = 9 s → 18 steps of 0.5 s, after 2 settle.
-    assert spent == pytest.approx(5.0 + 0.5 + 18 * 0.5)
+    # Settle: 2 steps and 1 % of 600 s = 6 s → 3 steps (5 + 0.5 + 0.5 s). Timed: max(1.5 % of
+    # 600 s = 9 s, min(2 s, 30 s)) = 9 s → 18 steps of 0.5 s.
+    assert spent == pytest.approx(5.0 + 0.5 + 0.5 + 18 * 0.5)
     p = budget.plan(600, spent, rate, global_batch=256, warmup_fraction=0.05)
     assert p["total_steps"] == int((600 - spent) * 2.0 * (1 - budget.MARGIN))
     assert p["warmup_steps"] == round(p["total_steps"] * 0.05)
