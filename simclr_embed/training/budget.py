@@ -20,11 +20,22 @@ exact. Not in the plan: the kNN monitor's evaluations (``--eval-data``), which a
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
 import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+import torch
+
+from simclr_embed.errors import SimclrError
+from simclr_embed.training import distributed as dist
+from simclr_embed.training.checkpoint import capture_rng_state, restore_rng_state
+
+logger = logging.getLogger(__name__)
 
 SETTLE_STEPS = 2  # not timed: first-iteration allocations, worker start-up, compilation
 SETTLE_FRACTION = 0.01  # and not before 1 % of the budget: the first seconds run slower (measured)
@@ -124,7 +135,7 @@ def measure(
     return rate, clock() - started
 
 
-class _Quiet:
+class Quiet:
     """The reporter during calibration: those steps are not the run's."""
 
     def waited(self, seconds: float) -> None: ...
@@ -132,3 +143,89 @@ class _Quiet:
     def skipped(self, n: Any) -> None: ...
 
     def step(self, *args: Any) -> None: ...
+
+
+def recorded_plan(last: Path) -> dict[str, Any]:
+    """The plan an interrupted budget run recorded in its checkpoint (read on rank 0, sent to all)."""
+
+    def read() -> Any:
+        ckpt = torch.load(last, map_location="cpu", weights_only=True)
+        return ckpt["config"].get("time_budget")
+
+    plan = dist.broadcast_object(read() if dist.is_primary() else None)
+    if plan is None:
+        raise SimclrError(
+            f"--time-budget: {last} was not planned by a time budget; resume it with its own "
+            "--max-steps/--epochs"
+        )
+    logger.info("%s (the interrupted run's plan)", describe(plan))
+    return plan
+
+
+def calibrate_run(
+    cfg: Any,
+    raw_model: torch.nn.Module,
+    state: Any,
+    train_one_epoch: Callable[..., None],
+    global_batch: int,
+    step_args: dict[str, Any],
+) -> dict[str, Any] | None:
+    """Calibrate on the run's own step (``train.train_one_epoch`` over its loader, from
+    ``state``, a fresh ``train.RunState``) with the learning rate at zero."""
+    sampler, loader, device = (step_args.pop(k) for k in ("sampler", "loader", "device"))
+    model, optimizer, scaler = (step_args.pop(k) for k in ("model", "optimizer", "scaler"))
+    zero_lr = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 0.0)
+
+    def run(tick: Callable[[], bool]) -> bool:
+        def on_step() -> None:
+            if not tick():
+                state.stop_step = state.step
+
+        while state.step < state.stop_step and state.stopped_by is None:
+            sampler.set_epoch(state.epoch, start_batch=state.batch_in_epoch)
+            train_one_epoch(model, optimizer, zero_lr, loader, device, state.epoch, cfg, state,
+                            Quiet(), scaler, on_step=on_step, **step_args)  # fmt: skip
+            if state.batch_in_epoch >= state.steps_per_epoch:
+                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        return state.stopped_by is None
+
+    return calibrate(
+        run, cfg, raw_model=raw_model, optimizer=optimizer, scaler=scaler,
+        global_batch=global_batch,
+    )  # fmt: skip
+
+
+def calibrate(
+    run: Callable[[Callable[[], bool]], bool],
+    cfg: Any,
+    *,
+    raw_model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    global_batch: int,
+) -> dict[str, Any] | None:
+    """Measure on real steps (``run(tick)`` → False when a signal stopped it), roll them back,
+    agree across ranks, plan. None when stopped."""
+    snapshot = (
+        copy.deepcopy(raw_model.state_dict()),
+        copy.deepcopy(optimizer.state_dict()),
+        scaler.state_dict(),
+        capture_rng_state(),
+    )
+    finished: list[bool] = []
+    budget_s = float(cfg.time_budget_s or 0)
+    rate, spent = measure(lambda tick: finished.append(run(tick)), budget_s)
+    raw_model.load_state_dict(snapshot[0])  # the calibration leaves no trace in the run
+    optimizer.load_state_dict(snapshot[1])
+    if scaler.is_enabled():
+        scaler.load_state_dict(snapshot[2])
+    restore_rng_state(snapshot[3])
+    if not all(finished):
+        return None
+    rate = dist.min_over_ranks(rate)  # every rank: the slowest rank's rate, the same plan
+    spent = -dist.min_over_ranks(-spent)
+    p = plan(budget_s, spent, rate, global_batch, min(1.0, cfg.warmup_epochs / cfg.epochs))
+    if cfg.warmup_steps is not None:
+        p["warmup_steps"] = min(p["total_steps"], cfg.warmup_steps)
+    logger.info("%s", describe(p))
+    return p

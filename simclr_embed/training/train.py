@@ -15,7 +15,6 @@ the global batch. See docs/training.md.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
@@ -35,7 +34,7 @@ from simclr_embed.fileio import atomic_write_text
 from simclr_embed.training import budget
 from simclr_embed.training import distributed as dist
 from simclr_embed.training.augment import SimCLRAugment
-from simclr_embed.training.checkpoint import capture_rng_state, restore_rng_state, save_checkpoint
+from simclr_embed.training.checkpoint import capture_rng_state, save_checkpoint
 from simclr_embed.training.config import TrainConfig
 from simclr_embed.training.data import build_train_loader, find_images
 from simclr_embed.training.device_augment import (
@@ -215,7 +214,11 @@ def _run(cfg: TrainConfig, device: torch.device, stop: StopRequest) -> None:
         step_args = dict(model=model, optimizer=optimizer, scaler=scaler, loader=loader,
                          sampler=sampler, device=device, amp_dtype=amp_dtype,
                          channels_last=cuda, stop=stop, appearance=appearance)  # fmt: skip
-        plan = _budget_plan(cfg, raw_model, resuming, ckpt_dir, global_batch, steps_per_epoch, step_args)  # fmt: skip
+        if resuming:  # an interrupted run's plan: not measured again, so the resume is exact
+            plan = budget.recorded_plan(ckpt_dir / "last.pt")
+        else:  # calibration steps from a state of their own, rolled back afterwards
+            fresh = RunState(0, 0, 0, steps_per_epoch, 1 << 62, 1 << 62)
+            plan = budget.calibrate_run(cfg, raw_model, fresh, train_one_epoch, global_batch, step_args)  # fmt: skip
         if plan is None:
             logger.warning("stopped by %s while measuring the step rate; nothing to save", stop.signal_name)  # fmt: skip
             return
@@ -380,69 +383,3 @@ def _run(cfg: TrainConfig, device: torch.device, stop: StopRequest) -> None:
         )
     else:
         logger.info("done: %d steps; checkpoints in %s", state.step, ckpt_dir)
-
-
-def _budget_plan(
-    cfg: TrainConfig,
-    raw_model: nn.Module,
-    resuming: bool,
-    ckpt_dir: Path,
-    global_batch: int,
-    steps_per_epoch: int,
-    step_args: dict[str, Any],
-) -> dict[str, Any] | None:
-    """``--time-budget``: the interrupted run's plan, or a new one from a calibration whose
-    steps are rolled back (``training.budget``); None when a signal stopped the calibration."""
-    if resuming:  # the same plan as before the interruption: exact, not measured again
-
-        def recorded() -> Any:
-            return torch.load(ckpt_dir / "last.pt", map_location="cpu", weights_only=True)["config"].get("time_budget")  # fmt: skip
-
-        plan = dist.broadcast_object(recorded() if dist.is_primary() else None)
-        if plan is None:
-            raise SimclrError(
-                f"--time-budget: {ckpt_dir / 'last.pt'} was not planned by a time budget; "
-                "resume it with its own --max-steps/--epochs"
-            )
-        logger.info("%s (the interrupted run's plan)", budget.describe(plan))
-        return plan
-    snapshot = (
-        copy.deepcopy(raw_model.state_dict()),
-        copy.deepcopy(step_args["optimizer"].state_dict()),
-        step_args["scaler"].state_dict(),
-        capture_rng_state(),
-    )
-    zero_lr = torch.optim.lr_scheduler.LambdaLR(step_args["optimizer"], lambda _: 0.0)
-    state = RunState(0, 0, 0, steps_per_epoch, total_steps=1 << 62, stop_step=1 << 62)
-    sampler = step_args.pop("sampler")
-    model, optimizer, scaler, loader = (step_args.pop(k) for k in ("model", "optimizer", "scaler", "loader"))  # fmt: skip
-    device = step_args.pop("device")
-
-    def run_steps(tick: Callable[[], bool]) -> None:
-        def on_step() -> None:
-            if not tick():
-                state.stop_step = state.step
-
-        while state.step < state.stop_step and state.stopped_by is None:
-            sampler.set_epoch(state.epoch, start_batch=state.batch_in_epoch)
-            train_one_epoch(model, optimizer, zero_lr, loader, device, state.epoch, cfg, state,
-                            budget._Quiet(), scaler, on_step=on_step, **step_args)  # type: ignore[arg-type]  # fmt: skip
-            if state.batch_in_epoch >= steps_per_epoch:
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-
-    rate, spent = budget.measure(run_steps, cfg.time_budget_s)
-    raw_model.load_state_dict(snapshot[0])  # the calibration leaves no trace in the run
-    optimizer.load_state_dict(snapshot[1])
-    if scaler.is_enabled():
-        scaler.load_state_dict(snapshot[2])
-    restore_rng_state(snapshot[3])
-    if state.stopped_by is not None:
-        return None
-    rate = dist.min_over_ranks(rate)  # every rank: the slowest rank's rate, the same plan
-    spent = -dist.min_over_ranks(-spent)
-    fraction = min(1.0, cfg.warmup_epochs / cfg.epochs)
-    plan = budget.plan(cfg.time_budget_s, spent, rate, global_batch, fraction)
-    if cfg.warmup_steps is not None:
-        plan["warmup_steps"] = min(plan["total_steps"], cfg.warmup_steps)
-    logger.info("%s", budget.describe(plan))
-    return plan
