@@ -3,8 +3,8 @@
 In one run:
 1. unpack ``../shared/data/cifar10-small.tar.gz`` (10,000 train / 2,000 val JPEGs, 32 px) to a
    temporary folder;
-2. ``simclr train`` on ``train/`` (labels ignored) for a fixed number of steps — by default as many
-   as fit in ``--budget-minutes``, measured by a short calibration run first;
+2. ``simclr train`` on ``train/`` (labels ignored) for ``--budget-minutes`` with the product's own
+   ``--time-budget`` (it measures its step rate and fixes the length once), or ``--steps N``;
 3. ``simclr evaluate`` train → val for the trained checkpoint, the same architecture untrained
    (random init, same seed machinery) and raw pixels;
 4. print a table (kNN and linear-probe top-1, training time, img/s) and, with ``--write-docs``,
@@ -46,7 +46,7 @@ def get_args() -> argparse.Namespace:
         "--budget-minutes",
         type=float,
         default=28.0,
-        help="training wall-clock budget (the issue allows 30); sets --steps by calibration [28]",
+        help="training wall-clock budget: simclr train --time-budget (unless --steps) [28]",
     )
     p.add_argument(
         "--threads",
@@ -54,7 +54,9 @@ def get_args() -> argparse.Namespace:
         default=2,
         help="torch threads per process (OMP_NUM_THREADS) for training and evaluation [2]",
     )
-    p.add_argument("--steps", type=int, default=None, help="training steps (skips calibration)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="fixed training steps instead of the time budget"
+    )
     p.add_argument(
         "--config",
         type=Path,
@@ -127,13 +129,15 @@ def run(cmd: list[str], log: Path) -> tuple[float, str]:
     return seconds, log.read_text()
 
 
-def train_cmd(recipe: list[str], data: Path, out: Path, steps: int) -> list[str]:
-    """``simclr train`` with a recipe (``--config FILE`` [flags]) and only budget/data flags."""
+def train_cmd(recipe: list[str], data: Path, out: Path, steps: int | None, budget_min: float = 0) -> list[str]:  # fmt: skip
+    """``simclr train`` with a recipe (``--config FILE`` [flags]) and only budget/data flags:
+    ``steps`` fixed, or (None) the product's own ``--time-budget``."""
+    length = ["--max-steps", str(steps)] if steps else ["--time-budget", f"{budget_min * 60:g}s"]
     return [
         sys.executable, "-m", "simclr_embed.cli", "train", *recipe,
-        "--data", str(data), "--out", str(out), "--max-steps", str(steps),
+        "--data", str(data), "--out", str(out), *length,
         "--log-every", "10", "--no-progress",
-        "--checkpoint-every", str(max(steps, 1)), "--keep-checkpoints", "0",
+        "--checkpoint-every", str(10**9), "--keep-checkpoints", "0",
     ]  # fmt: skip
 
 
@@ -141,22 +145,6 @@ def steady_img_s(log: str) -> float:
     """Median img/s over the log points after the first (which includes worker start-up)."""
     rates = [float(m.group(2)) for m in IMG_S.finditer(log)]
     return statistics.median(rates[1:] or rates) if rates else float("nan")
-
-
-def calibrate(
-    recipe: list[str], budget_min: float, data: Path, work: Path, name: str
-) -> tuple[int, float]:
-    """Steps of ``recipe`` that fit the budget, from the steady speed of a 40-step run."""
-    seconds, log = run(train_cmd(recipe, data, work / f"calibration-{name}", 40), work / f"calibration-{name}.log")  # fmt: skip
-    resolved = json.loads((work / f"calibration-{name}" / "config.json").read_text())
-    batch = int(resolved["global_batch_size"])
-    rate = steady_img_s(log)
-    # Start-up (imports, worker spawn, checkpoint) is paid again by the real run: subtract it.
-    startup = max(0.0, seconds - 40 * batch / rate)
-    steps = int((budget_min * 60 - startup) * rate / batch)
-    print(f"calibration ({name}): {rate:.0f} img/s, start-up {startup:.0f} s → {steps} steps in "
-          f"{budget_min:g} min", flush=True)  # fmt: skip
-    return max(steps, 10), rate
 
 
 def write_untrained(trained: Path, out: Path, seed: int) -> None:
@@ -227,17 +215,16 @@ def shrink(data: Path, per_class: int) -> None:
 def train_and_eval(
     name: str, recipe: list[str], args: argparse.Namespace, data: Path, work: Path
 ) -> dict[str, Any]:
-    """Calibrate (unless --steps), train ``recipe`` for the budget, evaluate the checkpoint."""
-    steps, calib_rate = (
-        (args.steps, None)
-        if args.steps
-        else calibrate(recipe, args.budget_minutes, data / "train", work, name)
-    )
-    cmd = train_cmd(recipe, data / "train", work / f"run-{name}", steps)
+    """Train ``recipe`` for ``--steps`` or, by default, ``simclr train --time-budget`` (the
+    product measures its own rate), then evaluate the checkpoint."""
+    cmd = train_cmd(recipe, data / "train", work / f"run-{name}", args.steps, args.budget_minutes)
     if args.curve_every:
         cmd += ["--eval-data", str(subset_for_curve(data, work)), "--eval-every", str(args.curve_every)]  # fmt: skip
     train_s, log = run(cmd, work / f"train-{name}.log")
     resolved = json.loads((work / f"run-{name}" / "config.json").read_text())
+    steps = int(resolved["total_steps"])
+    plan = resolved.get("time_budget") or {}
+    calib_rate = plan.get("images_per_s")
     ckpt = work / f"run-{name}" / "checkpoints" / "last.pt"
     report = evaluate(str(ckpt), data, work, name, resolved["image_size"], not args.no_probe)
     return {
@@ -248,6 +235,7 @@ def train_and_eval(
         "train_s": train_s,
         "img_s": steady_img_s(log),
         "calibration_img_s": calib_rate,
+        "time_budget": plan,
         "resolved": resolved,
         "checkpoint": str(ckpt),
         "report": report,
