@@ -246,7 +246,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     }
     for name in cfg.baselines:
         base: Embedder = (
-            TorchEmbedder.untrained(cfg.model, device)
+            TorchEmbedder.untrained(cfg.model, device, metadata=getattr(embedder, "metadata", None))
             if name == "untrained"
             else PixelEmbedder(embedder.image_size)  # at the model's own input size
         )

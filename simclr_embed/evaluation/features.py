@@ -60,6 +60,7 @@ class OnnxEmbedder:
         if device == "cuda" and "CUDAExecutionProvider" not in in_use:
             raise SimclrError(f"--device cuda: ONNX Runtime runs on {', '.join(in_use)} only")
         meta = self.session.get_modelmeta().custom_metadata_map
+        self.metadata = dict(meta)  # the untrained baseline is built from it (no second session)
         if "simclr.image_size" not in meta:
             raise SimclrError(
                 f"{path} has no 'simclr.image_size' metadata; export it with 'simclr export-onnx'"
@@ -111,12 +112,15 @@ class TorchEmbedder:
         self.std = tuple(cfg.get("std") or IMAGENET_STD)
 
     @classmethod
-    def untrained(cls, model: str, device: torch.device, seed: int = 0) -> TorchEmbedder:
-        """The same architecture as ``model`` (a ``.pt`` or an exported ``.onnx``) at step 0:
-        torchvision's initialization under ``seed`` — the baseline training must beat."""
+    def untrained(
+        cls, model: str, device: torch.device, seed: int = 0, metadata: dict | None = None
+    ) -> TorchEmbedder:
+        """The same architecture as ``model`` (a ``.pt`` or an exported ``.onnx``, whose
+        ``metadata`` an :class:`OnnxEmbedder` already read) at step 0: torchvision's
+        initialization under ``seed`` — the baseline training must beat."""
         from simclr_embed.training.model import build_model
 
-        cfg = _architecture(Path(model))
+        cfg = _architecture(Path(model), metadata)
         torch.manual_seed(seed)
         net = build_model(cfg)
         self = cls.__new__(cls)
@@ -132,16 +136,18 @@ class TorchEmbedder:
         return self.model.forward_features(x).float().cpu().numpy()  # [N, F]
 
 
-def _architecture(path: Path) -> dict:
+def _architecture(path: Path, metadata: dict | None = None) -> dict:
     """arch, stem, image size, projection size and mean/std of a checkpoint or exported model."""
     if path.suffix == ".pt":
         from simclr_embed.training.checkpoint import load_checkpoint
 
         return dict(load_checkpoint(path)["config"])
-    import onnxruntime as ort
+    m = metadata
+    if m is None:
+        import onnxruntime as ort
 
-    meta = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta()
-    m = meta.custom_metadata_map
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        m = session.get_modelmeta().custom_metadata_map
     try:
         return {
             "arch": m["simclr.arch"],
