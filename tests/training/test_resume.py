@@ -6,7 +6,6 @@ see the same augmentations (per-sample seeds), with any number of workers.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,16 +21,7 @@ from simclr_embed.training.checkpoint import (
 from simclr_embed.training.cli import main
 from tests.conftest import write_image_folder
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Same thread count for every run: float reductions may group differently across counts."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +76,7 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
 
 
 @pytest.fixture(scope="module")
-def straight(one_thread: None, data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def straight(one_torch_thread: None, data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The uninterrupted reference run (workers=0; the views do not depend on the worker count)."""
     out = tmp_path_factory.mktemp("straight")
     assert run_main(main, _argv(data, out, 0)) == 0
@@ -153,7 +143,7 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path: Path) -> None
 
 
 @pytest.fixture(scope="module")
-def straight_device(one_thread: None, data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def straight_device(one_torch_thread: None, data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("straight-device")
     assert run_main(main, _argv(data, out, 0, "--augment-on", "device")) == 0
     return load_checkpoint(out / "checkpoints" / "last.pt")

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from simclr_embed.errors import run_main
 from simclr_embed.training import budget
@@ -86,14 +84,6 @@ def test_exclusive_with_max_steps_and_epochs(tmp_path: Path, capsys) -> None:
     assert exit_.value.code == 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("budget") / "data", per_class=8)  # 24
@@ -108,6 +98,7 @@ def _argv(data: Path, out: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
 def test_a_budget_run_is_its_plan_exactly_and_resumes_on_it(data: Path, tmp_path: Path) -> None:
     budgeted = tmp_path / "budget"
     assert run_main(main, _argv(data, budgeted, "--time-budget", "8s")) == 0
