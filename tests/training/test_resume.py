@@ -143,7 +143,9 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path: Path) -> None
 
 
 @pytest.fixture(scope="module")
-def straight_device(one_torch_thread: None, data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def straight_device(
+    one_torch_thread: None, data: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict:
     out = tmp_path_factory.mktemp("straight-device")
     assert run_main(main, _argv(data, out, 0, "--augment-on", "device")) == 0
     return load_checkpoint(out / "checkpoints" / "last.pt")
