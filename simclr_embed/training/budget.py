@@ -178,7 +178,9 @@ def calibrate_run(
 
     def run(tick: Callable[[], bool]) -> bool:
         def on_step() -> None:
-            if not tick():
+            # Every rank runs the same calibration steps: go on while any rank wants to (each
+            # rank's own timing would otherwise stop them at different steps, deadlocking DDP).
+            if not dist.any_rank(tick()):
                 state.stop_step = state.step
 
         while state.step < state.stop_step and state.stopped_by is None:
