@@ -19,11 +19,11 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROTO_ROOT = REPO_ROOT / "proto"
-PROTO_FILES = ("simclr/v1/embedding.proto",)
+PROTO_FILES = ("simclr/v1/embedding.proto", "inference/grpc_predict_v2.proto")
 DEFAULT_OUT = Path(__file__).resolve().parent
 PACKAGE = "simclr_embed.pb"
 
-_IMPORT_RE = re.compile(r"^from simclr\.v1 import ", re.MULTILINE)
+_IMPORT_RE = re.compile(r"^from (simclr\.v1|inference) import ", re.MULTILINE)
 _INIT_TEXT = "# Generated package marker (simclr_embed/pb/generate.py).\n"
 
 
@@ -49,11 +49,11 @@ def generate(out_dir: Path, proto_root: Path = PROTO_ROOT) -> list[Path]:
         pkg_dir = out_dir / Path(proto).parent
         for suffix in ("_pb2.py", "_pb2_grpc.py", "_pb2.pyi"):
             path = pkg_dir / (Path(proto).stem + suffix)
-            text = _IMPORT_RE.sub(f"from {PACKAGE}.simclr.v1 import ", path.read_text())
+            text = _IMPORT_RE.sub(rf"from {PACKAGE}.\1 import ", path.read_text())
             path.write_text(text)
             generated.append(path)
         # Package markers so that `simclr_embed.pb.simclr.v1` imports as a regular package.
-        for parent in (pkg_dir, pkg_dir.parent):
+        for parent in {pkg_dir, *[p for p in pkg_dir.parents if out_dir in p.parents]}:
             (parent / "__init__.py").write_text(_INIT_TEXT)
             generated.append(parent / "__init__.py")
     return sorted(generated)

@@ -38,18 +38,25 @@ from PIL import Image
 from simclr_embed.errors import SimclrError
 from simclr_embed.inference.images import Preprocessor
 from simclr_embed.inference.runtime import Runtime, check_model_file, open_runtime, usable_cores
+from simclr_embed.pb.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from simclr_embed.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc
 from simclr_embed.server.auth import BearerTokenInterceptor
 from simclr_embed.server.batcher import DynamicBatcher
 from simclr_embed.server.config import ServeConfig
 from simclr_embed.server.core import Backend, RequestPath
+from simclr_embed.server.fetch import Fetcher
+from simclr_embed.server.http_app import HttpContext
+from simclr_embed.server.http_server import HttpServer
 from simclr_embed.server.metrics import Metrics
 from simclr_embed.server.servicer import SERVICE_NAME, EmbeddingServicer
+from simclr_embed.server.v2_grpc import SERVICE_NAME as V2_SERVICE_NAME
+from simclr_embed.server.v2_grpc import InferenceServicer
 
 log = logging.getLogger(__name__)
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+_SERVICES = ("", SERVICE_NAME, V2_SERVICE_NAME)  # health is kept per service
 _SETTLE_S = 0.5  # after the last answer: time for it to leave before gRPC stops
 _QUIET_S, _QUIET_MAX_S = 0.05, 1.0  # a quiet moment with no new call, and how long to hope
 # A model call this short runs on the event loop: handing it to a thread and back costs ~0.2 ms
@@ -111,6 +118,14 @@ class EmbeddingServer:
             decode_workers=decode_threads,
         )
         self._servicer = EmbeddingServicer(self.path, self.metrics)
+        self._v2 = InferenceServicer(self.path, self.metrics, cfg.model_name)
+        self.http: HttpServer | None = None
+        self.http_port: int | None = None
+        if cfg.http_port is not None:
+            fetcher = Fetcher(
+                cfg.fetch_hosts, int(cfg.fetch_max_mb * 1024 * 1024), cfg.fetch_timeout_s
+            )
+            self.http = HttpServer(HttpContext(cfg, self.path, self.metrics, fetcher))
         self._health = health.aio.HealthServicer()
         self.grpc_server: grpc.aio.Server | None = None
         self._hurry = asyncio.Event()  # a second signal: stop waiting for the drain
@@ -137,15 +152,30 @@ class EmbeddingServer:
             ],
         )
         pb_grpc.add_EmbeddingServiceServicer_to_server(self._servicer, server)
+        v2_grpc.add_GRPCInferenceServiceServicer_to_server(self._v2, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            (SERVICE_NAME, V2_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        for service in ("", SERVICE_NAME):  # "" = the whole server
+        for service in _SERVICES:  # "" = the whole server
             await self._health.set(service, _NOT_SERVING)
         self.port = self._bind(server)
         self.grpc_server = server
         await server.start()
+        if self.http is not None:  # bound before the model loads: probes see 503 meanwhile
+            try:
+                self.http_port = await self.http.start()
+            except OSError as exc:
+                raise SimclrError(
+                    f"cannot serve HTTP on {_address(cfg.host, cfg.http_port or 0)}: "
+                    f"{_why_not(cfg.host, cfg.http_port or 0, exc)}"
+                ) from None
+            log.info(
+                "HTTP on %s://%s (OpenAI /v1/embeddings, KServe V2 /v2/models/%s/infer, /metrics)",
+                "https" if cfg.tls_cert else "http",
+                _address(cfg.host, self.http_port),
+                cfg.model_name,
+            )
         if cfg.metrics_port is not None and cfg.worker is None:  # a group's supervisor serves it
             try:
                 self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)
@@ -191,7 +221,7 @@ class EmbeddingServer:
         self.path.attach(
             Backend(runtime.info, tuple(runtime.providers), preprocessor, self._batcher)
         )
-        for service in ("", SERVICE_NAME):
+        for service in _SERVICES:
             await self._health.set(service, _SERVING)
         if cfg.ready_file is not None:
             _touch_atomically(cfg.ready_file)
@@ -247,8 +277,10 @@ class EmbeddingServer:
         return port
 
     def _count_rejected(self, method: str) -> None:
-        if method.endswith("/Embed"):
+        if method.endswith(("/Embed", "/EmbedStream")):
             self.metrics.request_done("UNAUTHENTICATED", 0)
+        elif method.endswith("/ModelInfer"):
+            self.metrics.request_done("UNAUTHENTICATED", 0, "v2-grpc")
 
     @property
     def hurried(self) -> bool:
@@ -315,6 +347,8 @@ class EmbeddingServer:
 
     async def release(self) -> None:
         """Stop the batcher, pools and metrics endpoint; log the final answer counts."""
+        if self.http is not None:
+            await self.http.close()
         if self._batcher is not None:
             await self._batcher.stop(timeout=1.0)
         self._decode_pool.shutdown(wait=False, cancel_futures=True)

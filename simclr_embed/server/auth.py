@@ -8,7 +8,14 @@ from typing import Any
 
 import grpc
 
-EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
+# Probes come without credentials: gRPC health, and the Open Inference Protocol's liveness and
+# readiness calls.
+EXEMPT_PREFIXES = (
+    "/grpc.health.v1.Health/",
+    "/inference.GRPCInferenceService/ServerLive",
+    "/inference.GRPCInferenceService/ServerReady",
+    "/inference.GRPCInferenceService/ModelReady",
+)
 REASON = "missing or invalid token: send metadata 'authorization: Bearer <token>'"
 
 

@@ -47,6 +47,11 @@ class ServeConfig:
         None  # (i, N): one worker of a group (simclr_embed.server.group)
     )
     ready_file: Path | None = None
+    http_port: int | None = None  # None: no HTTP (OpenAI-style + Open Inference Protocol)
+    model_name: str = "simclr"  # the name in HTTP and V2 paths
+    fetch_hosts: tuple[str, ...] = ()  # hosts whose https:// image URLs may be fetched
+    fetch_max_mb: float = 20.0
+    fetch_timeout_s: float = 10.0
 
     @property
     def max_message_bytes(self) -> int:
@@ -181,6 +186,32 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="create this file once SERVING (all processes warm), for scripts and probes [off]",
     )
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="also serve HTTP on this port (same --host, same TLS and token): OpenAI-style "
+        "/v1/embeddings, the Open Inference Protocol (KServe V2) /v2/..., /metrics; 0 picks a "
+        "free one [off]",
+    )
+    p.add_argument(
+        "--model-name",
+        default="simclr",
+        help="the model's name in HTTP paths, OpenAI 'model' and V2 calls [simclr]",
+    )
+    p.add_argument(
+        "--fetch-hosts",
+        nargs="+",
+        default=(),
+        metavar="HOST",
+        help="allow https:// image URLs on these hosts (exact names or IP addresses); off by "
+        "default: a server that fetches any URL is an SSRF hole. Private and loopback "
+        "addresses are refused unless listed as an IP address [none]",
+    )
+    p.add_argument("--fetch-max-mb", type=float, default=20.0, help="largest fetched image [20]")
+    p.add_argument(
+        "--fetch-timeout-s", type=float, default=10.0, help="longest fetch of one image [10]"
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "i/N", set by the group
     p.add_argument("--max-message-mb", type=int, default=64, help="largest gRPC message [64]")
     p.add_argument(
@@ -204,7 +235,12 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     for name in ("max_delay_ms", "grace_s", "drain_delay_s"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("port", "metrics_port"):
+    for name in ("fetch_max_mb", "fetch_timeout_s"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if not args.model_name or "/" in args.model_name or any(c.isspace() for c in args.model_name):
+        parser.error("--model-name must be a non-empty name without '/' or spaces")
+    for name in ("port", "metrics_port", "http_port"):
         value = getattr(args, name)
         if value is not None and not 0 <= value <= 65535:
             parser.error(f"--{name.replace('_', '-')} must be in 0..65535, got {value}")
@@ -249,4 +285,9 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         processes=1 if worker else args.processes,
         worker=worker,
         ready_file=args.ready_file,
+        http_port=args.http_port,
+        model_name=args.model_name,
+        fetch_hosts=tuple(host.lower() for host in args.fetch_hosts),
+        fetch_max_mb=args.fetch_max_mb,
+        fetch_timeout_s=args.fetch_timeout_s,
     )

@@ -78,6 +78,7 @@ class EmbedOptions:
     per_image_errors: bool = False  # False: the first bad image fails the whole request
     deadline: float | None = None  # the event loop's clock (loop.time())
     wait_for_room: bool = False  # wait for queue space instead of Overloaded (streams)
+    also: tuple[str, ...] = ()  # more outputs of the same model call (V2 asks for both)
 
 
 @dataclass(frozen=True)
@@ -93,13 +94,15 @@ class Answer:
     decode_ms: float
     queue_ms: float
     inference_ms: float
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # ``also`` outputs, ``[m, D']``
 
-    def matrix(self) -> np.ndarray:
-        """``[n, D]`` float32 with zero rows for the bad images."""
+    def matrix(self, output: str | None = None) -> np.ndarray:
+        """``[n, D]`` float32 of ``output`` (default: the asked one), zero rows for bad images."""
+        vectors = self.vectors if output in (None, self.output) else self.extra[output]
         if not self.bad:
-            return self.vectors
-        out = np.zeros((self.n, self.vectors.shape[1]), np.float32)
-        out[[i for i in range(self.n) if i not in self.bad]] = self.vectors
+            return vectors
+        out = np.zeros((self.n, vectors.shape[1]), np.float32)
+        out[[i for i in range(self.n) if i not in self.bad]] = vectors
         return out
 
 
@@ -176,8 +179,9 @@ class RequestPath:
         backend = self.backend
         if backend is None:
             raise Unavailable(self.refusal)
-        if opts.output not in OUTPUTS:
-            raise InvalidRequest(f"unknown output {opts.output!r} (expected one of {OUTPUTS})")
+        for name in (opts.output, *opts.also):
+            if name not in OUTPUTS:
+                raise InvalidRequest(f"unknown output {name!r} (expected one of {OUTPUTS})")
         n = len(images)
         if n == 0:
             raise InvalidRequest("request has no images")
@@ -209,10 +213,12 @@ class RequestPath:
             except BatcherStoppedError as exc:
                 raise Unavailable(str(exc)) from None
             vectors = select_output(outputs, opts.output, opts.normalize)  # [m, D]
+            extra = {name: select_output(outputs, name, opts.normalize) for name in opts.also}
         else:  # every image was bad: nothing to run
             info = backend.info
-            dim = info.feature_dim if opts.output == "features" else info.projection_dim
-            vectors = np.zeros((0, dim), np.float32)
+            dims = {"features": info.feature_dim, "projection": info.projection_dim}
+            vectors = np.zeros((0, dims[opts.output]), np.float32)
+            extra = {name: np.zeros((0, dims[name]), np.float32) for name in opts.also}
         return Answer(
             vectors=vectors,
             bad=bad,
@@ -222,6 +228,7 @@ class RequestPath:
             decode_ms=decode_ms,
             queue_ms=1e3 * timing.get("queue_s", 0.0),
             inference_ms=1e3 * timing.get("inference_s", 0.0),
+            extra=extra,
         )
 
     async def _decode(

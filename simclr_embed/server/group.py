@@ -50,7 +50,14 @@ def _free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
-def worker_argv(argv: list[str], cfg: ServeConfig, port: int, index: int, ready: Path) -> list[str]:
+def worker_argv(
+    argv: list[str],
+    cfg: ServeConfig,
+    port: int,
+    index: int,
+    ready: Path,
+    http_port: int | None = None,
+) -> list[str]:
     """The group's own command line for worker ``index``.
 
     The user's flags are kept as given (abbreviated or ``--flag=value`` alike) and the worker's
@@ -60,6 +67,8 @@ def worker_argv(argv: list[str], cfg: ServeConfig, port: int, index: int, ready:
     n = cfg.processes
     cores = usable_cores()
     out = [*argv, "--port", str(port), "--worker", f"{index}/{n}", "--ready-file", str(ready)]
+    if http_port is not None:  # the group's one HTTP port, shared like the gRPC one
+        out += ["--http-port", str(http_port)]
     if not cfg.decode_threads:
         out += ["--decode-threads", str(max(1, cores // n))]
     if not cfg.intra_op_threads:
@@ -72,6 +81,7 @@ def run_group(cfg: ServeConfig, argv: list[str]) -> int:
 
     n = cfg.processes
     port = cfg.port or _free_port(cfg.host)
+    http_port = None if cfg.http_port is None else cfg.http_port or _free_port(cfg.host)
     state = Path(tempfile.mkdtemp(prefix="simclr-serve-"))
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(state)}
     workers: list[subprocess.Popen[bytes]] = []
@@ -94,7 +104,7 @@ def run_group(cfg: ServeConfig, argv: list[str]) -> int:
                 sys.executable,
                 "-m",
                 "simclr_embed.server",
-                *worker_argv(argv, cfg, port, i, ready),
+                *worker_argv(argv, cfg, port, i, ready, http_port),
             ]
             # Own session: a terminal's Ctrl-C reaches only the supervisor, which forwards it
             # once (a worker that got it twice would cut its drain short).
@@ -117,6 +127,8 @@ def run_group(cfg: ServeConfig, argv: list[str]) -> int:
                     if w.poll() is None:
                         w.send_signal(signal.SIGTERM)
             if not announced and all((state / f"{READY_PREFIX}{i}").exists() for i in range(n)):
+                if http_port is not None:
+                    log.info("HTTP on %s (%d processes)", _address(cfg.host, http_port), n)
                 log.info("SERVING on %s (%d processes)", _address(cfg.host, port), n)
                 if cfg.ready_file is not None:
                     _touch_atomically(cfg.ready_file)

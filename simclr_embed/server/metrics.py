@@ -1,6 +1,8 @@
-"""Prometheus metrics of CONTRACT §6, in the server's own registry, served on ``--metrics-port``.
+"""Prometheus metrics of CONTRACT §6, in the server's own registry, served on ``--metrics-port``
+(and at ``/metrics`` on the ``--http-port``).
 
-Names: ``simclr_requests_total{code}``, ``simclr_images_total``, ``simclr_batch_size``,
+Names: ``simclr_requests_total{code,protocol}`` (``code``: the gRPC status name whatever the
+protocol, so one PromQL covers them all), ``simclr_images_total``, ``simclr_batch_size``,
 ``simclr_queue_seconds``, ``simclr_inference_seconds``, ``simclr_decode_seconds`` (histograms),
 ``simclr_queue_images`` (gauge). An own registry (not the global default) keeps several servers
 in one process (tests) apart and leaves out the process/GC collectors nobody asked for.
@@ -26,6 +28,8 @@ KNOWN_CODES = (
     "CANCELLED",
     "INTERNAL",
 )
+# The request paths; created at zero too.
+PROTOCOLS = ("grpc", "v2-grpc", "http-openai", "v2-http")
 _SECONDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -38,12 +42,17 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "simclr_requests_total",
-            "Embed RPCs answered, by gRPC status code",
-            ["code"],
+            "Embedding requests answered, by gRPC status code (HTTP answers by their gRPC "
+            "equivalent) and protocol",
+            ["code", "protocol"],
             registry=r,
         )
         # The labelled children, looked up once (labels() takes a lock and builds a key).
-        self._by_code = {code: self.requests.labels(code=code) for code in KNOWN_CODES}
+        self._by_code = {
+            (code, protocol): self.requests.labels(code=code, protocol=protocol)
+            for code in KNOWN_CODES
+            for protocol in PROTOCOLS
+        }
         self.images = Counter("simclr_images_total", "Images embedded (answered OK)", registry=r)
         self.batch_size = Histogram(
             "simclr_batch_size", "Images per model call", buckets=_BATCH, registry=r
@@ -88,19 +97,20 @@ class Metrics:
 
     # -- servicer --------------------------------------------------------------------------------
 
-    def request_done(self, code: str, images: int) -> None:
-        child = self._by_code.get(code)
-        (child or self.requests.labels(code=code)).inc()
+    def request_done(self, code: str, images: int, protocol: str = "grpc") -> None:
+        child = self._by_code.get((code, protocol))
+        (child or self.requests.labels(code=code, protocol=protocol)).inc()
         if code == "OK":
             self.images.inc(images)
 
     def request_counts(self) -> dict[str, int]:
-        """``{code: Embed calls answered}`` so far (what ``simclr_requests_total`` exposes)."""
-        return {
-            sample.labels["code"]: int(sample.value)
-            for sample in self.requests.collect()[0].samples
-            if sample.name == "simclr_requests_total"
-        }
+        """``{code: requests answered}`` so far over every protocol (``simclr_requests_total``)."""
+        counts: dict[str, int] = {}
+        for sample in self.requests.collect()[0].samples:
+            if sample.name == "simclr_requests_total":
+                code = sample.labels["code"]
+                counts[code] = counts.get(code, 0) + int(sample.value)
+        return counts
 
     # -- exposition ------------------------------------------------------------------------------
 

@@ -190,11 +190,7 @@ def test_queue_full_deadline_and_drain(tiny_onnx: Path) -> None:
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert len(held.result(timeout=30).embeddings) == 3
         stopping.result(timeout=30)
-        codes = {
-            s.labels["code"]: s.value
-            for s in srv.server.metrics.requests.collect()[0].samples
-            if s.name == "simclr_requests_total"
-        }
+        codes = srv.server.metrics.request_counts()
         assert codes["OK"] == 1 and codes["RESOURCE_EXHAUSTED"] == 1
     finally:
         srv.close()

@@ -148,7 +148,7 @@ def test_two_processes_share_the_port_count_together_and_drain(
         assert all(n > 0 for n in per_worker.values()), per_worker  # 2**-31 to fail by chance
 
         text = _scrape(group.metrics_port())  # one endpoint, summed over both workers
-        assert _sample(text, "simclr_requests_total", '{code="OK"}') == CHANNELS
+        assert _sample(text, "simclr_requests_total", '{code="OK",protocol="grpc"}') == CHANNELS
         assert _sample(text, "simclr_images_total") == images
         assert _sample(text, "simclr_queue_images") == 0
     finally:

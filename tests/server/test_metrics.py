@@ -12,7 +12,7 @@ from simclr_embed.client import EmbeddingClient, EmbeddingError
 from tests.server.conftest import ServerThread, photo
 
 CONTRACT_NAMES = {
-    "simclr_requests": "counter",  # exposed as simclr_requests_total{code}
+    "simclr_requests": "counter",  # exposed as simclr_requests_total{code,protocol}
     "simclr_images": "counter",
     "simclr_batch_size": "histogram",
     "simclr_queue_seconds": "histogram",
@@ -52,8 +52,8 @@ def test_metrics_endpoint_counts_requests_images_and_batches(server: ServerThrea
     def delta(key: str) -> float:
         return after[key] - before.get(key, 0.0)
 
-    assert delta("simclr_requests_total{code=OK}") == 1
-    assert delta("simclr_requests_total{code=INVALID_ARGUMENT}") == 1
+    assert delta("simclr_requests_total{code=OK,protocol=grpc}") == 1
+    assert delta("simclr_requests_total{code=INVALID_ARGUMENT,protocol=grpc}") == 1
     assert delta("simclr_images_total") == 5
     assert delta("simclr_decode_seconds_count") == 6  # the bad image was decoded (and refused) too
     assert delta("simclr_batch_size_sum") == 5

@@ -25,6 +25,10 @@ def test_stubs_are_current(tmp_path: Path) -> None:
     fresh = generate.generate(tmp_path)
     names = sorted(p.relative_to(tmp_path).as_posix() for p in fresh)
     assert names == [
+        "inference/__init__.py",
+        "inference/grpc_predict_v2_pb2.py",
+        "inference/grpc_predict_v2_pb2.pyi",
+        "inference/grpc_predict_v2_pb2_grpc.py",
         "simclr/__init__.py",
         "simclr/v1/__init__.py",
         "simclr/v1/embedding_pb2.py",

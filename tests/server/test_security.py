@@ -75,7 +75,7 @@ def test_client_with_token(auth_server: ServerThread) -> None:
         client.embed([IMAGE])
     assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
     rejected = auth_server.server.metrics.registry.get_sample_value(
-        "simclr_requests_total", {"code": "UNAUTHENTICATED"}
+        "simclr_requests_total", {"code": "UNAUTHENTICATED", "protocol": "grpc"}
     )
     assert rejected is not None and rejected >= 1
 

@@ -1,1 +1,1 @@
-# Generated package marker (server/pb/generate.py).
+# Generated package marker (simclr_embed/pb/generate.py).

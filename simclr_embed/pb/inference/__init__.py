@@ -1,0 +1,1 @@
+# Generated package marker (simclr_embed/pb/generate.py).
