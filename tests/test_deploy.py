@@ -70,6 +70,31 @@ def test_k8s_args_are_accepted_by_the_real_serve_cli() -> None:
     assert "SIMCLR_AUTH_TOKEN" in env
 
 
+def test_kserve_inference_service_probes_the_v2_http_port(tiny_onnx: Path) -> None:
+    """deploy/kserve.yaml: its args parse; its probes name routes a real server answers."""
+    from simclr_embed.server.config import build_parser, config_from_args
+    from tests.server.conftest import ServerThread, serve_config
+    from tests.server.test_http import call
+
+    (doc,) = [d for d in yaml.safe_load_all((DEPLOY / "kserve.yaml").read_text()) if d]
+    assert doc["kind"] == "InferenceService" and doc["apiVersion"].startswith("serving.kserve.io/")
+    (c,) = doc["spec"]["predictor"]["containers"]
+    parser = build_parser()
+    cfg = config_from_args(parser.parse_args(c["args"]), parser)
+    assert c["ports"][0]["containerPort"] == cfg.http_port == 8080 and cfg.host == "0.0.0.0"
+    assert cfg.model.parent == Path("/mnt/models")  # where KServe's storage initializer writes
+    longest = max(cfg.grace_s, cfg.drain_delay_s) + 1
+    assert doc["spec"]["predictor"]["terminationGracePeriodSeconds"] > longest
+    paths = {c[p]["httpGet"]["path"] for p in ("readinessProbe", "livenessProbe", "startupProbe")}
+    assert all(c[p]["httpGet"]["port"] == 8080 for p in ("readinessProbe", "startupProbe"))
+    srv = ServerThread(serve_config(tiny_onnx, http_port=0, model_name=cfg.model_name))
+    try:
+        for path in paths:
+            assert call(f"http://127.0.0.1:{srv.server.http_port}{path}")[0] == 200, path
+    finally:
+        srv.close()
+
+
 def _training_argv(script: Path) -> list[str]:
     """The flags a launcher script passes after ``-m simclr_embed.training``, shell variables filled in."""
     text = script.read_text().replace("\\\n", " ")

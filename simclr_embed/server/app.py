@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import errno
 import logging
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Awaitable
-from pathlib import Path
 from typing import NoReturn
 
 import grpc
@@ -48,6 +45,7 @@ from simclr_embed.server.fetch import Fetcher
 from simclr_embed.server.http_app import HttpContext
 from simclr_embed.server.http_server import HttpServer
 from simclr_embed.server.metrics import Metrics
+from simclr_embed.server.ports import address, touch_atomically, why_not
 from simclr_embed.server.servicer import SERVICE_NAME, EmbeddingServicer
 from simclr_embed.server.v2_grpc import SERVICE_NAME as V2_SERVICE_NAME
 from simclr_embed.server.v2_grpc import InferenceServicer
@@ -74,23 +72,6 @@ def _full_batch_seconds(runtime: Runtime, batch: int) -> float:
         runtime.encode(images)
         times.append(time.perf_counter() - started)
     return sorted(times)[2]
-
-
-def _why_not(host: str, port: int, exc: BaseException | None) -> str:
-    """Why gRPC could not bind, in our words (its own reason is only in its log)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    try:
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.bind((host.strip("[]"), port))
-    except OSError as err:
-        if err.errno == errno.EADDRINUSE:
-            return "address already in use (another server on that port? choose another --port)"
-        return err.strerror or str(err)
-    return str(exc) if exc else "gRPC refused the address"
-
-
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
 class EmbeddingServer:
@@ -163,19 +144,7 @@ class EmbeddingServer:
         self.grpc_server = server
         await server.start()
         if self.http is not None:  # bound before the model loads: probes see 503 meanwhile
-            try:
-                self.http_port = await self.http.start()
-            except OSError as exc:
-                raise SimclrError(
-                    f"cannot serve HTTP on {_address(cfg.host, cfg.http_port or 0)}: "
-                    f"{_why_not(cfg.host, cfg.http_port or 0, exc)}"
-                ) from None
-            log.info(
-                "HTTP on %s://%s (OpenAI /v1/embeddings, KServe V2 /v2/models/%s/infer, /metrics)",
-                "https" if cfg.tls_cert else "http",
-                _address(cfg.host, self.http_port),
-                cfg.model_name,
-            )
+            self.http_port = await self.http.start()
         if cfg.metrics_port is not None and cfg.worker is None:  # a group's supervisor serves it
             try:
                 self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)
@@ -185,7 +154,7 @@ class EmbeddingServer:
                 ) from None
         log.info(
             "listening on %s (%s), loading %s",
-            _address(cfg.host, self.port),
+            address(cfg.host, self.port),
             "TLS" if cfg.tls_cert else "plaintext",
             cfg.model,
         )
@@ -224,7 +193,7 @@ class EmbeddingServer:
         for service in _SERVICES:
             await self._health.set(service, _SERVING)
         if cfg.ready_file is not None:
-            _touch_atomically(cfg.ready_file)
+            touch_atomically(cfg.ready_file)
         log.info(
             "%s on %s: model %s, providers %s, max batch %d, max delay %.1f ms, "
             "%d batch(es) in flight",
@@ -232,7 +201,7 @@ class EmbeddingServer:
             "SERVING"
             if cfg.worker is None
             else f"ready (worker {cfg.worker[0]}/{cfg.worker[1]}, pid {os.getpid()})",
-            _address(cfg.host, self.port),
+            address(cfg.host, self.port),
             runtime.info.model_version,
             runtime.providers,
             cfg.max_batch_size,
@@ -257,23 +226,23 @@ class EmbeddingServer:
 
     def _bind(self, server: grpc.aio.Server) -> int:
         cfg = self.cfg
-        address = _address(cfg.host, cfg.port)
+        where = address(cfg.host, cfg.port)
         try:
             if cfg.tls_cert is not None and cfg.tls_key is not None:
                 creds = grpc.ssl_server_credentials(
                     [(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())]
                 )
-                port = server.add_secure_port(address, creds)
+                port = server.add_secure_port(where, creds)
             else:
-                port = server.add_insecure_port(address)
+                port = server.add_insecure_port(where)
         except OSError as exc:
             raise SimclrError(f"cannot read TLS files: {exc}") from None
         except RuntimeError as exc:
             raise SimclrError(
-                f"cannot listen on {address}: {_why_not(cfg.host, cfg.port, exc)}"
+                f"cannot listen on {where}: {why_not(cfg.host, cfg.port, exc)}"
             ) from None
         if not port:
-            raise SimclrError(f"cannot listen on {address}: {_why_not(cfg.host, cfg.port, None)}")
+            raise SimclrError(f"cannot listen on {where}: {why_not(cfg.host, cfg.port, None)}")
         return port
 
     def _count_rejected(self, method: str) -> None:
@@ -410,12 +379,6 @@ async def _watch_parent(parent: int, stop_requested: asyncio.Event) -> None:
         if os.getppid() != parent:
             log.warning("supervisor %d is gone: draining", parent)
             stop_requested.set()
-
-
-def _touch_atomically(path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(f"{os.getpid()}\n")
-    os.replace(tmp, path)
 
 
 def _exit_now(code: int) -> NoReturn:

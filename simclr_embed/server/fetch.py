@@ -16,6 +16,7 @@ Every refusal is an :class:`InvalidRequest` naming the input's index (HTTP 400).
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import socket
 import ssl
@@ -36,6 +37,10 @@ def is_public(address: str) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
+class NonPublicAddress(OSError):
+    """A listed host name resolved to a private, loopback or otherwise non-public address."""
+
+
 class _PublicOnlyResolver(ThreadedResolver):
     """Resolves like the default resolver, but refuses a name with any non-public address."""
 
@@ -45,7 +50,9 @@ class _PublicOnlyResolver(ThreadedResolver):
         infos = await super().resolve(host, port, family)
         for info in infos:
             if not is_public(info["host"]):
-                raise OSError(f"{host} resolves to a non-public address ({info['host']})")
+                raise NonPublicAddress(
+                    errno.EACCES, f"{host} resolves to a non-public address ({info['host']})"
+                )
         return infos
 
 
@@ -123,6 +130,11 @@ class Fetcher:
                 index,
             ) from None
         except (aiohttp.ClientError, OSError) as exc:
+            cause = getattr(exc, "os_error", exc)
+            if isinstance(cause, NonPublicAddress):
+                raise InvalidRequest(
+                    f"image {index}: {cause.strerror}; not fetched", index
+                ) from None
             raise InvalidRequest(f"image {index}: cannot fetch {url}: {exc}", index) from None
 
     async def _read(self, response: aiohttp.ClientResponse, url: str, index: int) -> bytes:

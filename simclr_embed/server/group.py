@@ -35,8 +35,8 @@ import time
 from pathlib import Path
 
 from simclr_embed.inference.runtime import usable_cores
-from simclr_embed.server.app import _address, _touch_atomically
 from simclr_embed.server.config import ServeConfig
+from simclr_embed.server.ports import address, touch_atomically
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +128,10 @@ def run_group(cfg: ServeConfig, argv: list[str]) -> int:
                         w.send_signal(signal.SIGTERM)
             if not announced and all((state / f"{READY_PREFIX}{i}").exists() for i in range(n)):
                 if http_port is not None:
-                    log.info("HTTP on %s (%d processes)", _address(cfg.host, http_port), n)
-                log.info("SERVING on %s (%d processes)", _address(cfg.host, port), n)
+                    log.info("HTTP on %s (%d processes)", address(cfg.host, http_port), n)
+                log.info("SERVING on %s (%d processes)", address(cfg.host, port), n)
                 if cfg.ready_file is not None:
-                    _touch_atomically(cfg.ready_file)
+                    touch_atomically(cfg.ready_file)
                 announced = True
             time.sleep(0.05)
         for w in workers:

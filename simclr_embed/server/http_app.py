@@ -121,7 +121,9 @@ async def embed(ctx: HttpContext, images: Sequence[ImageInput], opts: EmbedOptio
     except RequestError as exc:
         raise failure_of(exc) from None
     except asyncio.TimeoutError:
-        raise HttpFailure(504, "deadline passed before the answer was ready", "server_error") from None
+        raise HttpFailure(
+            504, "deadline passed before the answer was ready", "server_error"
+        ) from None
     finally:
         ctx.path.leave()
     ANSWERED.set(answer.n - len(answer.bad))

@@ -4,13 +4,18 @@ token handling of ``server.http_app``, bound on the gRPC server's event loop."""
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 
 from aiohttp import web
 
+from simclr_embed.errors import SimclrError
 from simclr_embed.server import openai_api, v2_http
 from simclr_embed.server.http_app import CONTEXT, HttpContext, middlewares
+from simclr_embed.server.ports import address, why_not
+
+log = logging.getLogger(__name__)
 
 
 def build_app(ctx: HttpContext) -> web.Application:
@@ -59,11 +64,19 @@ class HttpServer:
         )
         try:
             await site.start()
-        except OSError:
+        except OSError as exc:
             await runner.cleanup()
-            raise
+            where = address(cfg.host, cfg.http_port or 0)
+            reason = why_not(cfg.host, cfg.http_port or 0, exc, "--http-port")
+            raise SimclrError(f"cannot serve HTTP on {where}: {reason}") from None
         self._runner = runner
         self.port = int(runner.addresses[0][1])  # the bound one, for --http-port 0
+        log.info(
+            "HTTP on %s://%s (OpenAI /v1/embeddings, KServe V2 /v2/models/%s/infer, /metrics)",
+            "https" if context else "http",
+            address(cfg.host, self.port),
+            cfg.model_name,
+        )
         return self.port
 
     async def close(self) -> None:

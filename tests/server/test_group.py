@@ -5,6 +5,7 @@ Which worker holds a connection is read from the kernel (``/proc``), not from th
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -117,7 +118,9 @@ def test_two_processes_share_the_port_count_together_and_drain(
     tiny_onnx: Path, tmp_path: Path
 ) -> None:
     ready = tmp_path / "ready"
-    group, port, pids = _start(tiny_onnx, "--metrics-port", "0", "--ready-file", str(ready))
+    group, port, pids = _start(
+        tiny_onnx, "--metrics-port", "0", "--ready-file", str(ready), "--http-port", "0"
+    )
     channels: list[grpc.Channel] = []
     try:
         assert ready.exists()
@@ -147,10 +150,27 @@ def test_two_processes_share_the_port_count_together_and_drain(
         assert sum(per_worker.values()) == CHANNELS, per_worker
         assert all(n > 0 for n in per_worker.values()), per_worker  # 2**-31 to fail by chance
 
+        # The group's one HTTP port (SO_REUSEPORT too): two calls on new connections.
+        http_port = int(re.findall(r"HTTP on 127\.0\.0\.1:(\d+) \(2 processes\)", group.log)[0])
+        body = json.dumps({"inputs": [{"name": "images", "datatype": "UINT8",
+                                       "shape": [1, S, S, 3], "data": [7] * (S * S * 3)}]})  # fmt: skip
+        for _ in range(2):
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{http_port}/v2/models/simclr/infer", data=body.encode()
+            )
+            with urllib.request.urlopen(request, timeout=30) as r:
+                assert json.loads(r.read())["outputs"][0]["shape"] == [1, 512]
+        images += 2
+
         text = _scrape(group.metrics_port())  # one endpoint, summed over both workers
         assert _sample(text, "simclr_requests_total", '{code="OK",protocol="grpc"}') == CHANNELS
+        assert _sample(text, "simclr_requests_total", '{code="OK",protocol="v2-http"}') == 2
         assert _sample(text, "simclr_images_total") == images
         assert _sample(text, "simclr_queue_images") == 0
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=30) as r:
+            whole = r.read().decode()  # the HTTP port's /metrics is the group's view too
+        assert _sample(whole, "simclr_requests_total", '{code="OK",protocol="v2-http"}') == 2
+        assert _sample(whole, "simclr_images_total") == images
     finally:
         for channel in channels:
             channel.close()

@@ -123,7 +123,9 @@ def test_openai_errors_are_openai_error_objects(http_server: ServerThread) -> No
     assert len(ok.data) == 2
 
 
-def test_curl_openai_and_v2_json(http_server: ServerThread, reference_session: ort.InferenceSession) -> None:
+def test_curl_openai_and_v2_json(
+    http_server: ServerThread, reference_session: ort.InferenceSession
+) -> None:
     curl = shutil.which("curl")
     if curl is None:
         pytest.skip("needs curl")
@@ -335,3 +337,17 @@ def test_v2_grpc_raw_contents_match_simclr_v1(http_server: ServerThread) -> None
     assert list(reply.outputs[0].shape) == [4, 512]
     got = np.frombuffer(reply.raw_output_contents[0], "<f4")
     assert got.tobytes() == v1.packed_embeddings  # the same model call, bit for bit
+
+
+def test_http_port_in_use_is_a_clear_error(tiny_onnx: Path) -> None:
+    import socket
+
+    from simclr_embed.errors import SimclrError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SimclrError, match=r"cannot serve HTTP on 127\.0\.0\.1:\d+: address "
+                           r"already in use .*--http-port"):  # fmt: skip
+            ServerThread(serve_config(tiny_onnx, http_port=port))
