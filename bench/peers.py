@@ -133,6 +133,7 @@ def make_call(
 async def load(call: Call, photos: list[bytes], per: int, clients: int, seconds: float) -> dict:
     latencies: list[float] = []
     phase = {"measure": False}
+    errors: list[str] = []
 
     async def client(i: int) -> None:
         k = i
@@ -140,7 +141,12 @@ async def load(call: Call, photos: list[bytes], per: int, clients: int, seconds:
             images = [photos[(k + j) % len(photos)] for j in range(per)]
             k += per
             t0 = time.perf_counter()
-            await call(images)
+            try:
+                await call(images)
+            except Exception as exc:  # a failed call is counted, not retried
+                errors.append(type(exc).__name__)
+                await asyncio.sleep(0.05)
+                continue
             if phase["measure"]:
                 latencies.append(time.perf_counter() - t0)
 
@@ -151,8 +157,11 @@ async def load(call: Call, photos: list[bytes], per: int, clients: int, seconds:
     await asyncio.gather(*tasks)
     took = time.perf_counter() - started
     latencies.sort()
+    if not latencies:
+        return {"img_s": 0.0, "p50": float("nan"), "p99": float("nan"), "errors": len(errors)}
     q = lambda f: 1e3 * latencies[min(len(latencies) - 1, int(f * len(latencies)))]  # noqa: E731
-    return {"img_s": per * len(latencies) / took, "p50": q(0.5), "p99": q(0.99)}
+    rate = per * len(latencies) / took
+    return {"img_s": rate, "p50": q(0.5), "p99": q(0.99), "errors": len(errors)}
 
 
 async def measure(
@@ -174,16 +183,18 @@ async def measure(
                     row = await load(call, photos, per, clients, args.seconds)
                     rows.append({"server": server, "per": per, "clients": clients, **row})
                     print(f"| {args.model_name} | {server} | {per} | {clients} | "
-                          f"{row['img_s']:.0f} | {row['p50']:.1f} | {row['p99']:.1f} |", flush=True)  # fmt: skip
+                          f"{row['img_s']:.0f} | {row['p50']:.1f} | {row['p99']:.1f} | "
+                          f"{row['errors']} |", flush=True)  # fmt: skip
     await channel.close()
     assert reference is not None
     return rows, reference
 
 
-def start_ours(model: Path) -> tuple[subprocess.Popen[str], dict[str, int]]:
+def start_ours(model: Path, extra: list[str]) -> tuple[subprocess.Popen[str], dict[str, int]]:
     proc, m, lines = start_process(
         [sys.executable, "-m", "simclr_embed.server", "--model", str(model), "--port", "0",
-         "--http-port", "0", "--device", "cpu", "--max-queue", "8192", "--drain-delay-s", "0"],
+         "--http-port", "0", "--device", "cpu", "--max-queue", "8192", "--drain-delay-s", "0",
+         *extra],
         r"SERVING on 127\.0\.0\.1:(\d+)",
     )  # fmt: skip
     http = int(next(ln for ln in lines if "HTTP on" in ln).split("127.0.0.1:")[1].split()[0])
@@ -241,14 +252,15 @@ def main() -> int:
     p.add_argument("--models", default="resnet18,noop", help="resnet18 (@ 64 px) and/or noop")
     p.add_argument("--servers", default=",".join(OURS + PEERS))
     p.add_argument("--photo", default="640x480", help="JPEG size WxH [640x480]")
+    p.add_argument("--serve-args", default="", help="more simclr serve flags (exploration)")
     p.add_argument("--work", type=Path, default=REPO / "runs" / "bench-peers")
     args = p.parse_args()
     width, height = (int(v) for v in args.photo.split("x"))
     photos, origin = load_photos(32, width, height)
     wanted = args.servers.split(",")
     print(f"JPEGs: {len(photos)} × {args.photo} ({origin}); {args.seconds:g} s per cell\n")
-    print("| model | server | images/request | clients | img/s | p50 ms | p99 ms |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | server | images/request | clients | img/s | p50 ms | p99 ms | failed calls |")
+    print("|---|---|---|---|---|---|---|---|")
     notes = []
     for name in args.models.split(","):
         model = (
@@ -259,7 +271,7 @@ def main() -> int:
         args.model_name = name
         rows: list[dict] = []
         reference = None
-        proc, ports = start_ours(model)
+        proc, ports = start_ours(model, args.serve_args.split())
         try:
             ours = [s for s in OURS if s in wanted]
             got, reference = asyncio.run(measure(ours, ports, photos, reference, args))
