@@ -20,7 +20,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "simclr_embed.export.cli",
         "export a checkpoint to a self-contained ONNX model",
     ),
-    "serve": ("simclr_embed.server.cli", "serve an ONNX model over gRPC with dynamic batching"),
+    "serve": (
+        "simclr_embed.server.cli",
+        "serve an ONNX model over gRPC and HTTP with dynamic batching",
+    ),
     "embed": (
         "simclr_embed.embed.cli",
         "embed image files/folders: offline, through servers, or on Ray",
@@ -34,6 +37,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "simclr_embed.neighbors.cli",
         "nearest neighbours and near-duplicates of embedded images",
     ),
+    "curate": (
+        "simclr_embed.curate.cli",
+        "duplicates, outliers, clusters, a subset to label, a gallery of embedded images",
+    ),
 }
 
 
@@ -43,7 +50,7 @@ EXTRA_OF = {
     "onnx": "export", "onnxscript": "export", "onnxruntime": "serve", "grpc": "serve",
     "grpc_health": "serve", "grpc_reflection": "serve", "google": "serve",
     "prometheus_client": "serve", "tqdm": "serve", "pyarrow": "parquet", "faiss": "neighbors",
-    "ray": "ray",
+    "ray": "ray", "aiohttp": "serve",
 }  # fmt: skip
 
 

@@ -69,6 +69,7 @@ def open_runtime(
     intra_op_threads: int = 0,
     tensorrt: bool = False,
     precision: str = "auto",
+    idle_threads: int = 0,
 ) -> Runtime:
     """The runtime for a model file: ``.pt2`` → torch (imported only then), else ONNX Runtime."""
     check_model_file(path)
@@ -97,4 +98,5 @@ def open_runtime(
         max_batch_size=max_batch_size,
         intra_op_threads=intra_op_threads,
         tensorrt=tensorrt,
+        idle_threads=idle_threads,
     )

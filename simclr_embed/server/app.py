@@ -220,6 +220,8 @@ class EmbeddingServer:
             or max(1, usable_cores() // self.max_inflight),
             tensorrt=self.cfg.tensorrt,
             precision=self.cfg.precision,
+            # ... but a call that runs alone gets every core (unless the user set the threads).
+            idle_threads=0 if self.cfg.intra_op_threads else usable_cores(),
         )
         runtime.warm_up()
         return runtime
