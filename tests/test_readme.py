@@ -10,6 +10,7 @@ training parser, ``make X`` against the Makefile, ``docker`` against the Dockerf
 from __future__ import annotations
 
 import ast
+import json
 import re
 import shlex
 from collections.abc import Callable
@@ -167,6 +168,22 @@ def _check(argv: list[str]) -> None:
         for spec in args:
             for extra in re.findall(r"\[([\w,]+)\]", spec):
                 assert set(extra.split(",")) <= extras.keys(), spec
+    elif prog == "curl":  # an HTTP route the server has, with a JSON body it accepts
+        from urllib.parse import urlsplit
+
+        from aiohttp import web
+
+        from simclr_embed.server import openai_api, v2_http
+
+        app = web.Application()
+        openai_api.add_routes(app)
+        v2_http.add_routes(app)
+        patterns = [re.sub(r"\{\w+\}", "[^/]+", r.resource.canonical) for r in app.router.routes()]
+        path = urlsplit(next(a for a in args if a.startswith("http"))).path
+        assert any(re.fullmatch(pat, path) for pat in patterns), path
+        body = json.loads(re.sub(r"\$\([^)]*\)", "AAAA", args[args.index("-d") + 1]))
+        if path == "/v1/embeddings":
+            assert body["model"] == "simclr" and body["input"], body
     elif prog in ("sbatch", "kubectl", "tensorboard"):
         pass  # their file arguments are checked by test_referenced_paths_exist
     elif prog == "ray":
