@@ -50,6 +50,7 @@ class EmbedConfig:
     on_error: str = "skip"
     resume: bool = False
     overwrite: bool = False
+    update: bool = False
     batch: int = 64
     concurrency: int = 2
     timeout: float = 300.0
@@ -94,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--overwrite", action="store_true",
                        help="replace an existing OUTPUT (the old one stays readable until the "
                        "new one is complete); without it an existing OUTPUT is refused")  # fmt: skip
+    again.add_argument("--update", action="store_true",
+                       help="bring a finished OUTPUT up to date: embed only files that are new "
+                       "or changed (size/mtime), drop rows of deleted ones, keep the rest")  # fmt: skip
     p.add_argument("--batch", type=int, default=64, help="images per request / model call [64]")
     p.add_argument("--concurrency", type=int, default=2, help="--target: requests in flight [2]")
     p.add_argument("--timeout", type=float, default=300.0, help="--target: seconds per request [300]")  # fmt: skip
@@ -143,6 +147,8 @@ def parse_config(argv: Sequence[str] | None) -> EmbedConfig:
             parser.error("--ray writes Parquet: add --format parquet and a folder --output")
         if args.resume:
             parser.error("--resume is not available with --ray (Ray Data keeps no checkpoints)")
+        if args.update:
+            parser.error("--update is not available with --ray; run it with --model or --target")
     fmt = args.fmt or ("npy" if args.output.suffix == ".npy" else "parquet")
     if fmt == "parquet" and args.output.suffix == ".npy":
         parser.error(f"--format parquet writes a folder; --output {args.output} is an .npy path")
@@ -162,6 +168,7 @@ def parse_config(argv: Sequence[str] | None) -> EmbedConfig:
         on_error=args.on_error,
         resume=args.resume,
         overwrite=args.overwrite,
+        update=args.update,
         batch=args.batch,
         concurrency=args.concurrency,
         timeout=args.timeout,
@@ -296,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         source = f"the server at {cfg.target}" if cfg.target else f"the model {cfg.model}"
         job = JobConfig(cfg.paths, cfg.output, cfg.fmt, cfg.kind, cfg.normalize, cfg.on_error,
-                        cfg.resume, cfg.part_size, cfg.overwrite, source)  # fmt: skip
+                        cfg.resume, cfg.part_size, cfg.overwrite, source, cfg.update)  # fmt: skip
         check_paths(cfg.paths)
         check_output(job)  # before waiting for a server: an existing OUTPUT is refused at once
         engine = None

@@ -16,12 +16,14 @@ import collections
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from simclr_embed.client.codec import EmbedBatch
+from simclr_embed.embed import update
 from simclr_embed.embed.store import completed, describe_held, errors_path, held, open_store
 from simclr_embed.errors import SimclrError
 from simclr_embed.imageio import iter_images
@@ -50,6 +52,7 @@ class JobConfig:
     overwrite: bool = (
         False  # replace an existing OUTPUT (atomically: the old one stays until the end)
     )
+    update: bool = False  # only new/changed files; rows of deleted ones dropped (embed.update)
     source: str = ""  # what answers, for messages: "the server at HOST:PORT", "the model m.onnx"
 
 
@@ -102,6 +105,8 @@ def check_output(cfg: JobConfig) -> None:
     record = held(cfg.output, cfg.fmt)
     if record is None or cfg.overwrite or (cfg.resume and not record.get("foreign")):
         return
+    if cfg.update and record.get("complete"):
+        return
     if record.get("foreign"):
         raise SimclrError(
             f"--output {cfg.output} exists and holds {describe_held(record)}; choose another "
@@ -147,6 +152,9 @@ def run_job(
     """
     check_paths(cfg.paths)
     check_output(cfg)
+    started_ns = time.time_ns()
+    if cfg.update:
+        return _run_update(cfg, engine, on_batch, say)
     info = engine.model_info()
     dim = int(info["projection_dimension" if cfg.kind == "projection" else "feature_dimension"])
     job = {
@@ -232,8 +240,51 @@ def run_job(
     if committed != store.progress.inputs:
         store.commit(committed, last or "")
     store.finish()
+    update.write_record(out, cfg.fmt, started_ns)  # what --update compares files with
     if out != cfg.output:
         _swap_in(out, cfg.output)
     if store.progress.errors:
         log.info("%d unusable files listed in %s", store.progress.errors, errors_path(cfg.output))
     return Summary(store.progress.rows, store.progress.errors, dim, job["model_version"])
+
+
+def _run_update(
+    cfg: JobConfig,
+    engine: Engine,
+    on_batch: Callable[[EmbedBatch], None] | None,
+    say: Callable[[str], None] | None,
+) -> Summary:
+    """``--update``: embed only new or changed files into a staging output, then merge it with
+    the kept rows of OUTPUT into a new OUTPUT (``embed.update``)."""
+    started_ns = time.time_ns()
+    job = update.finished_job(cfg.output, cfg.fmt)
+    info = engine.model_info()
+    wanted = {"model_version": info["model_version"], "kind": cfg.kind, "normalize": cfg.normalize}
+    diff = [k for k, v in wanted.items() if job.get(k) != v]
+    if diff:
+        raise SimclrError(
+            f"--update: {cfg.output} was made with "
+            + ", ".join(f"{k}={job.get(k)!r}" for k in diff)
+            + ", this run has "
+            + ", ".join(f"{k}={wanted[k]!r}" for k in diff)
+            + "; one output holds one model's vectors (use --overwrite to embed everything anew)"
+        )
+    inputs = [str(p) for p in iter_inputs(cfg.paths)]
+    keep, todo, dropped = update.plan(cfg.output, cfg.fmt, inputs, say or log.info)
+    line = f"--update {cfg.output}: {int(keep.sum()):,} rows kept, {dropped:,} dropped (changed or gone), {len(todo):,} files to embed"  # fmt: skip
+    log.info(line)
+    if say is not None:
+        say(line)
+    staging = None
+    if todo:
+        staging = cfg.output.with_name(f".{cfg.output.name}.update")
+        update.remove_output(staging, cfg.fmt)
+        sub = JobConfig(
+            tuple(Path(p) for p in todo), staging, cfg.fmt, cfg.kind, cfg.normalize,
+            cfg.on_error, part_size=cfg.part_size, overwrite=True, source=cfg.source,
+        )  # fmt: skip
+        run_job(sub, engine, on_batch, say)
+    rows, skipped = update.merge(cfg.output, cfg.fmt, keep, staging, job, started_ns)
+    if staging is not None:
+        update.remove_output(staging, cfg.fmt)
+    return Summary(rows, skipped, int(job["dimension"]), job["model_version"])

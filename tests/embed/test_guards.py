@@ -12,40 +12,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import numpy_helper
 
 from simclr_embed.cli import main as simclr
 from simclr_embed.embed.cli import open_engine
 from simclr_embed.embed.job import JobConfig, ModelChangedError, run_job
 from tests.conftest import write_image_folder
+from tests.embed.conftest import OTHER_VERSION
 from tests.server.conftest import ServerProcess
-
-OTHER_VERSION = "b0b0b0b0b0b0b0b0"
 
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """240 small PNGs: 60 batches of 4."""
     return write_image_folder(tmp_path_factory.mktemp("photos"), per_class=80, size=24)
-
-
-@pytest.fixture(scope="module")
-def other_onnx(tiny_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Another model: other weights (one conv scaled) and its own version."""
-    proto = onnx.load(str(tiny_onnx))
-    for init in proto.graph.initializer:
-        w = numpy_helper.to_array(init)
-        if w.ndim == 4:  # the first convolution
-            init.CopyFrom(numpy_helper.from_array(w * 1.5, init.name))
-            break
-    for p in proto.metadata_props:
-        if p.key == "simclr.model_version":
-            p.value = OTHER_VERSION
-    path = tmp_path_factory.mktemp("other") / "other.onnx"
-    onnx.save(proto, str(path))
-    return path
 
 
 @pytest.fixture(scope="module")
