@@ -303,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         source = f"the server at {cfg.target}" if cfg.target else f"the model {cfg.model}"
         job = JobConfig(cfg.paths, cfg.output, cfg.fmt, cfg.kind, cfg.normalize, cfg.on_error,
-                        cfg.resume, cfg.part_size, cfg.overwrite, source, cfg.update)  # fmt: skip
+                        cfg.resume, cfg.part_size, cfg.overwrite, source, update=cfg.update)  # fmt: skip
         check_paths(cfg.paths)
         check_output(job)  # before waiting for a server: an existing OUTPUT is refused at once
         engine = None

@@ -52,8 +52,8 @@ class JobConfig:
     overwrite: bool = (
         False  # replace an existing OUTPUT (atomically: the old one stays until the end)
     )
-    update: bool = False  # only new/changed files; rows of deleted ones dropped (embed.update)
     source: str = ""  # what answers, for messages: "the server at HOST:PORT", "the model m.onnx"
+    update: bool = False  # only new/changed files; rows of deleted ones dropped (embed.update)
 
 
 @dataclass(frozen=True)
