@@ -75,6 +75,12 @@ def _parse_neighbors(argv: list[str]) -> None:
     parse_config(argv)
 
 
+def _parse_curate(argv: list[str]) -> None:
+    from simclr_embed.curate.cli import parse_config
+
+    parse_config(argv)
+
+
 def _parse_health(argv: list[str]) -> None:
     from simclr_embed.client.health import build_parser
 
@@ -100,6 +106,7 @@ SUBCOMMANDS: dict[str, Callable[[list[str]], None]] = {
     "embed": _parse_embed,
     "evaluate": _parse_evaluate,
     "neighbors": _parse_neighbors,
+    "curate": _parse_curate,
     "health": _parse_health,
 }
 MODULES: dict[str, Callable[[list[str]], None]] = {
@@ -108,6 +115,7 @@ MODULES: dict[str, Callable[[list[str]], None]] = {
     "simclr_embed.server": _parse_serve,
     "simclr_embed.evaluation": _parse_evaluate,
     "simclr_embed.neighbors": _parse_neighbors,
+    "simclr_embed.curate": _parse_curate,
     "simclr_embed.demo": _parse_demo,
     "simclr_embed.demo.sample_data": _parse_sample_data,
 }
@@ -155,10 +163,14 @@ def _check(argv: list[str]) -> None:
             else:
                 _check(rest)
     elif prog == "grpcurl":
-        proto = (ROOT / "proto/simclr/v1/embedding.proto").read_text()
+        protos = {
+            "simclr.v1.EmbeddingService": "proto/simclr/v1/embedding.proto",
+            "inference.GRPCInferenceService": "proto/inference/grpc_predict_v2.proto",
+        }
         method = args[-1]
         service, _, rpc = method.rpartition("/")
-        assert service == "simclr.v1.EmbeddingService" and f"rpc {rpc}(" in proto, method
+        assert service in protos, method
+        assert f"rpc {rpc}(" in (ROOT / protos[service]).read_text(), method
     elif prog == "pip":
         import tomllib
 

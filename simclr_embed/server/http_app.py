@@ -5,7 +5,7 @@ the one request path (``server.core``) — same admission, drain, batcher and mo
 aiohttp, not Starlette on uvicorn: uvicorn's ``Server.serve`` installs its own SIGTERM/SIGINT
 handlers (the server's drain owns those), aiohttp's ``AppRunner`` runs inside a running loop as
 it is, and its client fetches ``--fetch-hosts`` images with a resolver hook (``server.fetch``).
-Starlette answered 1.1-1.35x the requests/s of aiohttp with no model behind either
+Starlette answered 1.07-1.36x the requests/s of aiohttp with no model behind either
 (bench/http_frameworks.py); the gap is under 0.05 ms a request, against ≥ 1 ms of decode and
 model call for a real one.
 
