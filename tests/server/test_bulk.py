@@ -80,7 +80,7 @@ def test_offline_skips_and_lists_bad_files(collection, alone, tiny_onnx, tmp_pat
     printed = capsys.readouterr().out
     assert f"N={len(good)}" in printed and f"skipped {len(bad)}" in printed
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "out.npy", "out.npy.errors.tsv", "out.npy.json", "out.npy.paths.txt",
+        "out.npy", "out.npy.errors.tsv", "out.npy.files.npy", "out.npy.json", "out.npy.paths.txt",
     ]  # fmt: skip
 
 

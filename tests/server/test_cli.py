@@ -63,6 +63,7 @@ def test_embed_cli_on_a_folder(
     assert "N=10" in printed and "D=32" in printed and version in printed
     assert sorted(p.name for p in out.parent.iterdir()) == [
         "emb.npy",
+        "emb.npy.files.npy",  # the file record --update compares with
         "emb.npy.json",
         "emb.npy.paths.txt",
     ]  # no temp files, no errors list for a clean run
