@@ -161,7 +161,7 @@ def main() -> int:
         onnx = work / f"{name}.onnx"
         export_checkpoint(ckpt, onnx, verify=False)
         emb = work / f"{name}.npy"
-        subprocess.run([sys.executable, "-m", "simclr_embed.embed", "--model", str(onnx), "--output", str(emb),
+        subprocess.run([sys.executable, "-m", "simclr_embed.cli", "embed", "--model", str(onnx), "--output", str(emb),
                         "--no-progress", "--overwrite", str(work / "data")], check=True)  # fmt: skip
         for how, flags in (
             ("calibrated", ["--model", str(onnx)]),
