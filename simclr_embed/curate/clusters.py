@@ -60,7 +60,8 @@ def choose_k(unit: np.ndarray, seed: int = 0) -> tuple[int, str]:
     sample = unit[np.sort(rng.choice(n, min(n, SAMPLE), replace=False))]
     top = max(2, int(math.sqrt(n)))
     scores = {}
-    for k in (c for c in CANDIDATES if c <= min(top, len(sample) - 1)):
+    most = min(top, len(sample) - 1, len(sample) // 39)  # FAISS wants >= 39 points a centroid
+    for k in (c for c in CANDIDATES if c <= max(2, most)):
         _, labels = kmeans(sample, k, seed)
         scores[k] = silhouette(sample, labels)
     if not scores:
