@@ -30,15 +30,16 @@ def exact_groups(
     paths: Sequence[str], workers: int = 8, progress: Progress | None = None
 ) -> list[list[int]]:
     """Rows whose files have identical bytes, each group in row order, groups by their first row."""
+    sizes = [os.path.getsize(path) for path in paths]  # one stat per file
     by_size: dict[int, list[int]] = defaultdict(list)
-    for row, path in enumerate(paths):
-        by_size[os.path.getsize(path)].append(row)
+    for row, size in enumerate(sizes):
+        by_size[size].append(row)
     candidates = [row for rows in by_size.values() if len(rows) > 1 for row in rows]
     by_digest: dict[tuple[int, bytes], list[int]] = defaultdict(list)
     with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="simclr-hash") as pool:
         digests = pool.map(lambda r: file_digest(paths[r]), candidates, chunksize=16)
         for done, (row, digest) in enumerate(zip(candidates, digests, strict=True), 1):
-            by_digest[(os.path.getsize(paths[row]), digest)].append(row)
+            by_digest[(sizes[row], digest)].append(row)
             if progress is not None and done % 256 == 0:
                 progress(done)
     if progress is not None:
