@@ -165,9 +165,10 @@ def main() -> int:
                         "--no-progress", "--overwrite", str(work / "data")], check=True)  # fmt: skip
         for how, flags in (
             ("calibrated", ["--model", str(onnx)]),
+            ("calibrated, --outlier-score mean", ["--model", str(onnx), "--outlier-score", "mean"]),
             ("0.98 (fixed)", ["--duplicates", "0.98"]),
         ):
-            cur = work / f"{name}-{how.split()[0]}"
+            cur = work / f"{name}-{how.split()[0].rstrip(',')}-{len(flags)}"
             run = subprocess.run([sys.executable, "-m", "simclr_embed.curate", "--embeddings", str(emb),
                                   "--output", str(cur), "--overwrite", *flags],
                                  check=True, capture_output=True, text=True)  # fmt: skip
@@ -177,7 +178,7 @@ def main() -> int:
             )
             s = score(cur, source)
             recall = " / ".join(f"{v:.0%}" for v in s["near_recall"].values())  # type: ignore[union-attr]
-            print(f"| {name} | {how}: {line.split()[2] if line != how else ''} | "
+            print(f"| {name} | {how}: {line.split()[3] if line != how else ''} | "
                   f"{s['exact_recall']:.2f} / {s['exact_precision']:.2f} | {recall} | {s['near_groups']} | "
                   f"{s['mixed_groups']} | {s['outlier_auroc']:.3f} |", flush=True)  # fmt: skip
             if line != how:

@@ -32,7 +32,8 @@ from simclr_embed.neighbors.search import build_index, nearest_in, normalized
 from simclr_embed.server.config import TOKEN_ENV
 
 K = 10  # neighbours per image: outlier scores, duplicate candidates, the gallery's links
-CALIBRATION_SAMPLE = 200
+CALIBRATION_SAMPLE = 200  # images copied and embedded: the positives
+NEGATIVE_SAMPLE = 2000  # images whose nearest other image is a negative (no embedding needed)
 OUTPUTS = ("exact_duplicates.tsv", "duplicates.tsv", "outliers.tsv", "clusters.parquet")
 
 
@@ -44,6 +45,7 @@ class CurateConfig:
     target: str | None = None
     duplicates: float | None = None
     outliers: int = 100
+    outlier_score: str = "knn"
     clusters: int | None = None  # None: auto
     select: int | None = None
     html: bool = False
@@ -67,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--target", help="a server with the collection's model (HOST:PORT): calibrates through it")  # fmt: skip
     p.add_argument("--duplicates", type=float, default=None, metavar="THRESHOLD", help=f"near-duplicate cosine threshold [calibrated with --model/--target, else {DEFAULT_DUPLICATE}]")  # fmt: skip
     p.add_argument("--outliers", type=int, default=100, metavar="N", help="outliers shown and printed (outliers.tsv lists every image) [100]")  # fmt: skip
+    p.add_argument("--outlier-score", choices=("knn", "mean"), default="knn", help="knn: distance to the nearest images; mean: distance to the collection's mean direction [knn]")  # fmt: skip
     p.add_argument("--clusters", default="auto", metavar="K|auto", help="k-means clusters; auto: chosen by silhouette [auto]")  # fmt: skip
     p.add_argument("--select", type=int, default=None, metavar="N", help="N images that cover the collection → DIR/selection.txt")  # fmt: skip
     p.add_argument("--html", action="store_true", help="a static gallery in DIR/index.html")
@@ -99,6 +102,7 @@ def parse_config(argv: Sequence[str] | None) -> CurateConfig:
         target=args.target,
         duplicates=args.duplicates,
         outliers=args.outliers,
+        outlier_score=args.outlier_score,
         clusters=k,
         select=args.select,
         html=args.html,
@@ -154,6 +158,38 @@ class Stages:
         return result
 
 
+def negatives(
+    coll: Collection, found: object, copy_of: np.ndarray, rows: np.ndarray
+) -> tuple[np.ndarray, int]:
+    """Each sampled row's cosine to its nearest neighbour that is neither a byte copy nor the
+    same picture (the collection's own near-duplicates are not negatives), and how many rows
+    had a same-picture neighbour ahead of it."""
+    indices, sims = found.indices[rows], found.similarities[rows]  # type: ignore[attr-defined]
+    signatures: dict[int, np.ndarray | None] = {}
+
+    def signature(row: int) -> np.ndarray | None:
+        if row not in signatures:
+            try:
+                signatures[row] = calibrate.signature(Path(coll.paths[row]).read_bytes())
+            except Exception:  # unreadable now: treated as a different picture
+                signatures[row] = None
+        return signatures[row]
+
+    values, set_aside = [], 0
+    for r, idx, sim in zip(rows, indices, sims, strict=True):
+        skipped = False
+        for j, s in zip(idx, sim, strict=True):
+            if j < 0 or copy_of[j] == copy_of[r]:
+                continue
+            if calibrate.same_signature(signature(int(r)), signature(int(j))):
+                skipped = True
+                continue
+            values.append(float(s))
+            break
+        set_aside += skipped
+    return np.asarray(values, np.float32), set_aside
+
+
 def calibrated(
     cfg: CurateConfig, coll: Collection, found: object, copy_of: np.ndarray
 ) -> calibrate.Calibration:
@@ -186,12 +222,9 @@ def calibrated(
         rng = np.random.default_rng(cfg.seed)
         rows = np.sort(rng.choice(n, min(n, CALIBRATION_SAMPLE), replace=False))
         files = [Path(coll.paths[r]).read_bytes() for r in rows]
-        # Each sampled row's nearest other image that is not a byte copy of it.
-        indices, sims = found.indices[rows], found.similarities[rows]  # type: ignore[attr-defined]
-        other = copy_of[indices] != copy_of[rows][:, None]
-        first = np.argmax(other, axis=1)
-        nearest_other = sims[np.arange(len(rows)), first][other.any(axis=1)]
-        return calibrate.calibrate(embed, files, coll.vectors[rows], nearest_other)
+        others = np.sort(rng.choice(n, min(n, NEGATIVE_SAMPLE), replace=False))
+        nearest_other, set_aside = negatives(coll, found, copy_of, others)
+        return calibrate.calibrate(embed, files, coll.vectors[rows], nearest_other, set_aside)
     finally:
         engine.close()
 
@@ -224,7 +257,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
     near_groups = stages.run("near-duplicate groups", near.near_groups, unit, found, threshold)
-    scores = stages.run("outlier scores", outliers.outlier_scores, found, copy_of)
+    if cfg.outlier_score == "mean":
+        scores = stages.run("outlier scores", outliers.mean_direction_scores, unit)
+    else:
+        scores = stages.run("outlier scores", outliers.outlier_scores, found, copy_of)
     found_clusters = stages.run("clusters", clusters.cluster, unit, cfg.clusters, cfg.seed)
     print(f"clusters: {found_clusters.how}")
     picked = None

@@ -12,9 +12,18 @@ import pytest
 from PIL import Image
 
 from simclr_embed.cli import main as simclr
-from simclr_embed.curate.calibrate import choose_threshold
+from simclr_embed.curate.calibrate import choose_threshold, same_signature, signature
+from simclr_embed.curate.cli import negatives
 from simclr_embed.curate.near import near_groups
-from simclr_embed.neighbors.search import Neighbors, duplicate_groups
+from simclr_embed.curate.outliers import mean_direction_scores
+from simclr_embed.neighbors.collection import load_collection
+from simclr_embed.neighbors.search import (
+    Neighbors,
+    build_index,
+    duplicate_groups,
+    nearest_in,
+    normalized,
+)
 from tests.server.conftest import photo
 
 DISTINCT = 30
@@ -186,4 +195,40 @@ def test_threshold_sits_between_copies_and_other_images() -> None:
     t = choose_threshold(pos, neg)
     assert 0.9 < t < 0.95
     overlap = choose_threshold(rng.uniform(0.8, 0.99, 500), neg)  # precision first
-    assert overlap > np.quantile(neg, 0.995)
+    assert overlap > np.quantile(neg, 0.99)
+
+
+def test_calibration_negatives_leave_out_the_collections_own_near_copies(
+    embedded: tuple[Path, dict],
+) -> None:
+    """Each p0i-near.jpg (q50, resized) is the same picture as p0i.jpg; distinct photos are not.
+    A near (or byte) copy is never a negative: the negative is the next neighbour, and the row is
+    counted. (copy_of is left unset, so p03's byte copy is found by its picture here.)"""
+    out, _ = embedded
+    coll = load_collection(out)
+    unit = normalized(coll.vectors)
+    found = nearest_in(build_index(unit), unit, 10)
+    row = {Path(p).name: i for i, p in enumerate(coll.paths)}
+    sig = {name: signature(Path(coll.paths[i]).read_bytes()) for name, i in row.items()}
+    for i in range(4):
+        assert same_signature(sig[f"p{i:02d}.jpg"], sig[f"p{i:02d}-near.jpg"])
+    assert not any(same_signature(sig["p20.jpg"], sig[f"p{i:02d}.jpg"]) for i in range(21, 30))
+    copy_of = np.arange(len(unit))
+    rows = np.array([row[f"p{i:02d}.jpg"] for i in range(4)])
+    values, set_aside = negatives(coll, found, copy_of, rows)
+    expected, aside = [], 0
+    for r in rows:  # independently: the nearest other row that is not its own near/byte copy
+        others = [j for j in np.argsort(-(unit @ unit[r]), kind="stable") if j != r]
+        stem = Path(coll.paths[r]).stem
+        family = {j for j in others if Path(coll.paths[j]).name.startswith(stem + "-")}
+        aside += others[0] in family
+        expected.append(unit[r] @ unit[next(j for j in others if j not in family)])
+    assert set_aside == aside
+    np.testing.assert_allclose(values, expected, atol=1e-4)
+
+
+def test_mean_direction_scores_in_chunks() -> None:
+    unit = normalized(np.random.default_rng(3).normal(size=(50, 8)).astype(np.float32))
+    mean = unit.astype(np.float64).mean(axis=0)
+    expected = 1 - unit @ (mean / np.linalg.norm(mean))
+    np.testing.assert_allclose(mean_direction_scores(unit, chunk=7), expected, atol=1e-6)
