@@ -25,6 +25,11 @@ if ((GLOBAL_BATCH % WORLD != 0)); then
   echo "GLOBAL_BATCH=$GLOBAL_BATCH is not divisible by $WORLD processes" >&2
   exit 1
 fi
+# torch 2.14's c10d rendezvous shares its TCPStore with the workers by default; measured on
+# loopback (tests/training/test_multinode.py), a node that is lost and started again then never
+# completes the next rendezvous (both agents wait 60 s for keys written to the other store).
+# With the store not shared, the replacement node joins and the job resumes from last.pt.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 # --resume auto: the same command starts the run and continues it after any stop (a signal
 # makes every rank checkpoint and exit 0; torchrun --max-restarts restarts crashed workers).
 exec "$TORCHRUN" \
