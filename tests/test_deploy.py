@@ -172,3 +172,27 @@ def test_k8s_training_job_resumes_itself() -> None:
     )
     args = get_args_parser().parse_args(run.training_script_args)  # exits 2 on a bad flag
     assert args.resume == "auto" and (ROOT / args.config).is_file()
+
+
+def test_kuberay_job_runs_a_resumable_embed_on_the_shared_volume() -> None:
+    """deploy/kuberay.yaml: its entrypoint is a valid `simclr embed --ray` that resumes, and
+    every pod mounts the volume its paths live on."""
+    import shlex
+
+    from simclr_embed.embed.cli import parse_config
+
+    (job,) = [d for d in yaml.safe_load_all((DEPLOY / "kuberay.yaml").read_text()) if d]
+    assert job["kind"] == "RayJob" and job["apiVersion"] == "ray.io/v1"
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:2] == ["simclr", "embed"]
+    cfg = parse_config(argv[2:])
+    assert cfg.ray == "auto" and cfg.resume and cfg.fmt == "parquet"
+    cluster = job["spec"]["rayClusterSpec"]
+    pods = [cluster["headGroupSpec"]["template"]] + [
+        g["template"] for g in cluster["workerGroupSpecs"]
+    ]
+    for pod in pods:
+        (container,) = pod["spec"]["containers"]
+        mounts = {m["mountPath"] for m in container["volumeMounts"]}
+        for path in (cfg.model, cfg.output, *cfg.paths):
+            assert any(str(path).startswith(m + "/") for m in mounts), path

@@ -145,8 +145,6 @@ def parse_config(argv: Sequence[str] | None) -> EmbedConfig:
             parser.error("--ray needs --model (the pipeline runs the model itself, no server)")
         if args.fmt != "parquet":
             parser.error("--ray writes Parquet: add --format parquet and a folder --output")
-        if args.resume:
-            parser.error("--resume is not available with --ray (Ray Data keeps no checkpoints)")
         if args.update:
             parser.error("--update is not available with --ray; run it with --model or --target")
     fmt = args.fmt or ("npy" if args.output.suffix == ".npy" else "parquet")
@@ -272,7 +270,9 @@ def _run_ray(cfg: EmbedConfig) -> tuple[int, int, int, str]:
     from simclr_embed.inference.runtime import open_runtime
 
     check_paths(cfg.paths)
-    check_output(JobConfig(cfg.paths, cfg.output, "parquet", overwrite=cfg.overwrite))
+    check_output(
+        JobConfig(cfg.paths, cfg.output, "parquet", resume=cfg.resume, overwrite=cfg.overwrite)
+    )
     runtime = open_runtime(cfg.model, device="cpu", max_batch_size=1)  # the model's facts
     info = runtime.info
     dim = info.projection_dim if cfg.kind == "projection" else info.feature_dim
@@ -284,7 +284,7 @@ def _run_ray(cfg: EmbedConfig) -> tuple[int, int, int, str]:
     rows, skipped = run_ray(
         None if cfg.ray == "local" else cfg.ray, cfg.model, inputs, cfg.output, kind=cfg.kind,
         normalize=cfg.normalize, on_error=cfg.on_error, batch=cfg.batch, device=cfg.device,
-        job=job, info=info, max_pixels=cfg.max_pixels,
+        job=job, info=info, max_pixels=cfg.max_pixels, resume=cfg.resume and not cfg.overwrite, say=_say,
     )  # fmt: skip
     return rows, skipped, dim, info.model_version
 

@@ -123,7 +123,7 @@ def _staging(output: Path) -> Path:
     return output.with_name(f".{output.name}.overwrite")
 
 
-def _swap_in(staging: Path, output: Path) -> None:
+def swap_in(staging: Path, output: Path) -> None:
     """A finished Parquet folder built beside OUTPUT replaces it (two renames)."""
     old = output.with_name(f".{output.name}.old")
     if old.exists():
@@ -242,7 +242,7 @@ def run_job(
     store.finish()
     update.write_record(out, cfg.fmt, started_ns)  # what --update compares files with
     if out != cfg.output:
-        _swap_in(out, cfg.output)
+        swap_in(out, cfg.output)
     if store.progress.errors:
         log.info("%d unusable files listed in %s", store.progress.errors, errors_path(cfg.output))
     return Summary(store.progress.rows, store.progress.errors, dim, job["model_version"])
