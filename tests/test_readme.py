@@ -202,6 +202,9 @@ def _check(argv: list[str]) -> None:
         assert args[0] == "start" and ("--head" in args or "--address" in args), argv
     elif "=" in prog and argv[1] == "sbatch":  # DATA=... sbatch FILE
         pass
+    elif prog == "export":  # only the settings the deploy scripts also export
+        name = args[0].split("=")[0]
+        assert name in (ROOT / "deploy" / "torchrun-multinode.sh").read_text(), argv
     else:
         raise AssertionError(f"README command with no check: {shlex.join(argv)}")
 
