@@ -44,6 +44,7 @@ class TrainConfig:
     image_size: int = 224
     stem: str = "standard"  # always resolved (small when image_size <= 64 unless given)
     batch_size: int = 256  # per process
+    chunk_size: int | None = None  # gradient caching: rows per forward with grad (gradcache.py)
     epochs: int = 100
     max_steps: int | None = None  # when set: the whole run's length in optimizer steps
     time_budget_s: float | None = None  # when set: the length from the measured rate (budget.py)
@@ -144,6 +145,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     m.add_argument("--init-weights", metavar="PATH", help="local backbone state_dict to start from")
     o = p.add_argument_group("optimization")
     o.add_argument("--batch-size", type=int, default=256, help="images per process per step")
+    o.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        metavar="C",
+        help="gradient caching: run the step's forward/backward C views at a time (the same "
+        "gradient as the whole batch in the memory of C; must divide --batch-size) [off]",
+    )
     o.add_argument(
         "--epochs", type=int, default=100, help="epochs (ignored when --max-steps is given)"
     )
@@ -398,6 +407,13 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
             args.batch_size >= 2,
             "must be >= 2 (BatchNorm and the contrastive loss need pairs)",
         ),
+        (
+            "--chunk-size",
+            args.chunk_size is None
+            or (args.chunk_size >= 2 and args.batch_size % args.chunk_size == 0),
+            f"must be >= 2 and divide --batch-size {args.batch_size} (a chunk holds one view "
+            "of each of its samples, never both)",
+        ),
         ("--epochs", args.epochs >= 1, "must be >= 1"),
         ("--max-steps", args.max_steps is None or args.max_steps >= 1, "must be >= 1"),
         ("--lr", args.lr > 0, "must be > 0"),
@@ -437,6 +453,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         image_size=args.image_size,
         stem=stem,
         batch_size=args.batch_size,
+        chunk_size=args.chunk_size,
         epochs=args.epochs,
         max_steps=args.max_steps,
         time_budget_s=args.time_budget_s,

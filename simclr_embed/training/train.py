@@ -42,6 +42,7 @@ from simclr_embed.training.device_augment import (
     resolve_augment_on,
     step_generator,
 )
+from simclr_embed.training.gradcache import cached_backward
 from simclr_embed.training.loss import nt_xent_loss_and_accuracy
 from simclr_embed.training.optim import build_optimizer, scaled_lr, warmup_cosine
 from simclr_embed.training.preemption import StopRequest
@@ -115,14 +116,26 @@ def train_one_epoch(
             x = appearance(x, step_generator(cfg.seed, state.step, dist.rank()))
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(
-            device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-        ):
-            _, z = model(x)  # [2B, P]
-        z1, z2 = z.float().chunk(2)  # [B, P] each; the loss gathers all ranks' rows itself
-        loss, top1 = nt_xent_loss_and_accuracy(z1, z2, cfg.temperature)
+
+        def autocast() -> torch.autocast:
+            return torch.autocast(
+                device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+            )
+
+        def loss_of(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            z1, z2 = z.float().chunk(2)  # [B, P] each; the loss gathers all ranks' rows itself
+            return nt_xent_loss_and_accuracy(z1, z2, cfg.temperature)
+
+        if cfg.chunk_size is not None:  # the same gradient, one chunk's activations at a time
+            loss, top1 = cached_backward(
+                model, x, cfg.chunk_size, loss_of, autocast=autocast, scale=scaler.scale
+            )
+        else:
+            with autocast():
+                _, z = model(x)  # [2B, P]
+            loss, top1 = loss_of(z)
+            scaler.scale(loss).backward()
         # nanoGPT's order; with fp32/bf16 the scaler is disabled and these are plain calls.
-        scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)

@@ -17,6 +17,7 @@ What each scenario asserts:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -84,10 +85,8 @@ class Agent:
         worker in a session of its own, so the agent's process group does not hold them)."""
         tree = _descendants(self.proc.pid)
         for pid in [self.proc.pid, *tree]:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         self.proc.wait(30)
 
 
@@ -122,7 +121,9 @@ def _wait_for_step(agents: list[Agent], step: int, timeout: float = 90) -> None:
         if any(a.proc.poll() is not None for a in agents):
             break
         time.sleep(0.05)
-    raise AssertionError(f"step {step} never logged:\n" + "\n".join(a.text()[-2000:] for a in agents))
+    raise AssertionError(
+        f"step {step} never logged:\n" + "\n".join(a.text()[-2000:] for a in agents)
+    )
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
