@@ -133,6 +133,7 @@ if ((DRY)); then
   SERVE=(--device cpu --model "$WORK/model.pt2" --clients 1 --seconds 0.3 --rounds 1
     --warmup-s 0.1 --photos 8)
   VERIFY=(--no-verify)  # the parity checks have their own tests; here only the command lines
+  GRADCACHE=(--device cpu --arch resnet18 --image-size 32 --batch-size 32 --chunk-size 8 --steps 1)
 else
   N_JPEG=2048 JPEG_W=500 JPEG_H=375  # ImageNet-like sizes
   R50=(--arch resnet50 --image-size 224 --batch-size 256 --max-steps 40 --workers 14
@@ -143,6 +144,8 @@ else
   SERVE=(--device cuda --arch resnet50 --image-size 224 --clients 1 64 --seconds 5 --rounds 1
     --max-batch-size 64)
   VERIFY=()
+  GRADCACHE=(--device cuda --precision bf16 --arch resnet50 --image-size 224 --batch-size 4096
+    --chunk-size 256 --steps 2 --largest)
 fi
 DRYFLAG=$( ((DRY)) && echo --dry-run)
 
@@ -168,6 +171,8 @@ for where in workers device; do
     "${R50[@]}" --augment-on "$where" --device $DEV --no-progress --log-every 10
 done
 NOTE_RE='^\| SimCLR' step train_synth 200 "$PY" bench/train_step.py "${SYNTH[@]}"
+#    Gradient caching: the largest ResNet-50 batch that fits unchunked vs batch 4096 chunked.
+NOTE_RE='^\| (largest|chunk|whole)' step gradcache 240 "$PY" bench/gradcache.py "${GRADCACHE[@]}"
 
 # 4. Export fp32 (+ the torch program) and fp16, each verified against PyTorch.
 CKPT=$WORK/run/checkpoints/last.pt

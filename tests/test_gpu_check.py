@@ -13,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 STEPS = (
     "env", "sample_data", "jpegs", "train_smoke", "train_jpeg_workers", "train_jpeg_device",
-    "train_synth", "export_fp32",
+    "train_synth", "gradcache", "export_fp32",
     "export_fp16", "parity", "serve_torch", "bench_serve_torch", "bench_serve_ort", "nvjpeg",
 )  # fmt: skip
 # On a CPU these cannot run their GPU part; each must say why (its last line).

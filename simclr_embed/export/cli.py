@@ -48,6 +48,7 @@ class ExportConfig:
     triton_kind: str = "auto"  # auto | cpu | gpu
     torch_program: Path | None = None
     seed: int = 0
+    export_features: str = "backbone"  # backbone | head1 (SimCLRv2: the first projection layer)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -135,6 +136,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         "metadata) for `simclr serve --model PATH.pt2` (torch runtime: bf16 on CUDA)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random verification images")
+    p.add_argument(
+        "--export-features",
+        choices=("backbone", "head1"),
+        default="backbone",
+        help="what the 'features' output is: the backbone's pooled features, or the first "
+        "projection layer's output as SimCLRv2 uses (metadata simclr.features_from) [backbone]",
+    )
     return p
 
 
@@ -181,6 +189,7 @@ def _export(cfg: ExportConfig) -> dict[str, Any]:
             verify=cfg.verify,
             exporter=cfg.exporter,
             seed=cfg.seed,
+            features_from=cfg.export_features,
         )
     from simclr_embed.export.quantize import quantize_model
 
@@ -198,6 +207,7 @@ def _export(cfg: ExportConfig) -> dict[str, Any]:
             verify=cfg.verify,
             exporter=cfg.exporter,
             seed=cfg.seed,
+            features_from=cfg.export_features,
         )
         report["quantize"] = quantize_model(
             fp32,

@@ -41,6 +41,7 @@ MIN_OPSET = 17
 EXPORTERS = ("auto", "dynamo", "torchscript")
 DYNAMO_MIN_OPSET = 18  # below this torch 2.14's dynamo exporter cannot convert (fails for 17)
 META_PREFIX = "simclr."
+FEATURES_FROM = ("backbone", "head1")  # where the "features" output is taken
 
 
 class ImageEncoder(nn.Module):
@@ -51,11 +52,20 @@ class ImageEncoder(nn.Module):
     """
 
     def __init__(
-        self, model: SimCLRModel, mean: Sequence[float], std: Sequence[float], half: bool = False
+        self,
+        model: SimCLRModel,
+        mean: Sequence[float],
+        std: Sequence[float],
+        half: bool = False,
+        features_from: str = "backbone",
     ) -> None:
         super().__init__()
+        if features_from not in FEATURES_FROM:
+            raise ValueError(f"features_from must be one of {FEATURES_FROM}, got {features_from!r}")
+        if features_from == "head1" and model.proj_layers < 2:
+            raise SimclrError("--export-features head1 needs a projection head of 2+ layers")
         self.model = model.half() if half else model
-        self.half = half
+        self.half, self.features_from = half, features_from
         self.mean_values, self.std_values = [float(v) for v in mean], [float(v) for v in std]
         # [1, 1, 1, 3]: broadcasts over NHWC before the transpose.
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 1, 1, 3))
@@ -67,15 +77,19 @@ class ImageEncoder(nn.Module):
         # the CPU and break autocast (the torch runtime serves the same wrapper on CUDA).
         x = (images / 255.0 - self.mean) / self.std  # [N, S, S, 3] float32
         x = x.permute(0, 3, 1, 2)  # [N, 3, S, S]
-        if not self.half:
-            h = self.model.forward_features(x)  # [N, F]
-            return h, self.model.forward_head(h)  # [N, P]
-        h = self.model.forward_features(x.half())
-        return h.float(), self.model.forward_head(h).float()
+        h = self.model.forward_features(x.half() if self.half else x)  # [N, F]
+        z = self.model.forward_head(h)  # [N, P]
+        if self.features_from == "head1":  # SimCLRv2: the first projection layer [N, hidden]
+            h = self.model.forward_head1(h)
+        return (h.float(), z.float()) if self.half else (h, z)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.model.proj_hidden if self.features_from == "head1" else self.model.feature_dim
 
 
 def load_encoder(
-    checkpoint: str | Path, *, half: bool = False
+    checkpoint: str | Path, *, half: bool = False, features_from: str = "backbone"
 ) -> tuple[ImageEncoder, dict[str, Any]]:
     """Rebuild the eval-mode wrapper from a checkpoint; returns (encoder, checkpoint dict)."""
     ckpt = load_checkpoint(checkpoint)
@@ -95,7 +109,8 @@ def load_encoder(
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
         raise SimclrError(f"checkpoint {checkpoint}: mean/std must be 3 values (std > 0)")
     model.eval()  # BatchNorm → running statistics: an image's output does not depend on its batch
-    return ImageEncoder(model, mean, std, half=half).eval(), ckpt
+    encoder = ImageEncoder(model, mean, std, half=half, features_from=features_from)
+    return encoder.eval(), ckpt
 
 
 def resolve_exporter(exporter: str, opset: int) -> str:
@@ -194,7 +209,9 @@ def build_metadata(ckpt: dict[str, Any], encoder: ImageEncoder, precision: str) 
         "simclr.mean": ",".join(repr(v) for v in encoder.mean_values),
         "simclr.std": ",".join(repr(v) for v in encoder.std_values),
         "simclr.resize": resize_policy_for(size),
-        "simclr.feature_dim": str(model.feature_dim),
+        "simclr.feature_dim": str(encoder.feature_dim),
+        "simclr.features_from": encoder.features_from,
+        "simclr.proj_layers": str(model.proj_layers),
         "simclr.projection_dim": str(model.proj_dim),
         "simclr.train_step": str(int(ckpt["step"])),
         "simclr.stem": str(model.stem),
@@ -206,7 +223,12 @@ def set_metadata(proto: onnx.ModelProto, meta: dict[str, str]) -> onnx.ModelProt
     """Replace the ``simclr.*`` metadata with ``meta`` and stamp ``simclr.model_version``."""
     keep = [(p.key, p.value) for p in proto.metadata_props if not p.key.startswith(META_PREFIX)]
     del proto.metadata_props[:]
-    full = {**meta, "simclr.model_version": weights_version(proto)}
+    version = weights_version(proto)
+    if meta.get("simclr.features_from", "backbone") != "backbone":
+        # Same weights, other vectors in "features": never the same version (embed refuses to
+        # mix versions in one output, so the two exports cannot be mixed either).
+        version = hashlib.sha256(f"{version}:{meta['simclr.features_from']}".encode()).hexdigest()[:16]  # fmt: skip
+    full = {**meta, "simclr.model_version": version}
     for key, value in [*keep, *sorted(full.items())]:
         proto.metadata_props.add(key=key, value=value)
     return proto
@@ -221,6 +243,7 @@ def export_checkpoint(
     verify: bool = True,
     exporter: str = "auto",
     seed: int = 0,
+    features_from: str = "backbone",
 ) -> dict[str, Any]:
     """Export ``checkpoint`` to ``output`` (written atomically), verifying it unless told not to.
 
@@ -230,7 +253,7 @@ def export_checkpoint(
     """
     if Path(output).resolve() == Path(checkpoint).resolve():
         raise SimclrError(f"--output {output} would overwrite the checkpoint")
-    encoder, ckpt = load_encoder(checkpoint, half=fp16)
+    encoder, ckpt = load_encoder(checkpoint, half=fp16, features_from=features_from)
     size = int(ckpt["config"]["image_size"])
     exporter = resolve_exporter(exporter, opset)
     log.info(
@@ -257,7 +280,9 @@ def export_checkpoint(
         if verify:
             from simclr_embed.export.verify import verify_export  # onnxruntime only when checking
 
-            reference = encoder if not fp16 else load_encoder(checkpoint)[0]
+            reference = (
+                encoder if not fp16 else load_encoder(checkpoint, features_from=features_from)[0]
+            )
             report["parity"] = verify_export(tmp, reference, size, fp16=fp16, seed=seed)
     report["bytes"] = Path(output).stat().st_size
     return report

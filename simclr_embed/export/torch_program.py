@@ -62,7 +62,8 @@ def export_torch_program(
     """
     from simclr_embed.export.verify import FP32, check_parity, format_parity
 
-    encoder, ckpt = load_encoder(checkpoint)
+    features_from = metadata.get("simclr.features_from", "backbone")  # as the ONNX export
+    encoder, ckpt = load_encoder(checkpoint, features_from=features_from)
     size = int(ckpt["config"]["image_size"])
     program = export_program(encoder, size)
     meta = {**metadata, "simclr.precision": "fp32", "simclr.format": "torch.export"}

@@ -57,6 +57,7 @@ class TrainConfig:
     temperature: float = 0.1
     proj_dim: int = 128
     proj_hidden: int | None = None  # projection head's hidden width (None: the feature width)
+    proj_layers: int = 2  # linear layers in the projection head (SimCLRv2: 3)
     color_strength: float = 1.0
     grayscale_prob: float = 0.2
     augment_on: str = "auto"  # auto | workers | device
@@ -142,7 +143,19 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=None,
         help="projection head hidden width (default: the trunk's feature width)",
     )
-    m.add_argument("--init-weights", metavar="PATH", help="local backbone state_dict to start from")
+    m.add_argument(
+        "--proj-layers",
+        type=int,
+        default=2,
+        metavar="N",
+        help="linear layers in the projection head: 2 (SimCLR) or 3 (SimCLRv2) [2]",
+    )
+    m.add_argument(
+        "--init-weights",
+        metavar="PATH|torchvision[:NAME]",
+        help="start the trunk from a local state_dict, or from torchvision's ImageNet weights of "
+        "--arch (DEFAULT or a name such as IMAGENET1K_V1; torchvision's cache, downloaded once)",
+    )
     o = p.add_argument_group("optimization")
     o.add_argument("--batch-size", type=int, default=256, help="images per process per step")
     o.add_argument(
@@ -423,6 +436,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         ("--temperature", args.temperature > 0, "must be > 0"),
         ("--proj-dim", args.proj_dim >= 1, "must be >= 1"),
         ("--proj-hidden", args.proj_hidden is None or args.proj_hidden >= 1, "must be >= 1"),
+        ("--proj-layers", 1 <= args.proj_layers <= 8, "must be in [1, 8]"),
         ("--grayscale-prob", 0 <= args.grayscale_prob <= 1, "must be in [0, 1]"),
         (
             "--color-strength",
@@ -466,6 +480,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         temperature=args.temperature,
         proj_dim=args.proj_dim,
         proj_hidden=args.proj_hidden,
+        proj_layers=args.proj_layers,
         color_strength=args.color_strength,
         grayscale_prob=args.grayscale_prob,
         augment_on=args.augment_on,

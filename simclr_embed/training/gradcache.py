@@ -68,13 +68,14 @@ def _one_update_from_all_chunks(bns: list[_BatchNorm]) -> Iterator[None]:
     def record(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         x = inputs[0].detach()
         dims = [d for d in range(x.dim()) if d != 1]  # all but channels
-        xf = x.double()
+        var, mean = torch.var_mean(x.float(), dims, unbiased=False)  # [C] each, no x² copy
+        n = x.numel() // x.shape[1]
+        mean64 = mean.double()
         acc = sums.setdefault(id(module), [torch.zeros((), dtype=torch.float64, device=x.device),
-                                           torch.zeros(x.shape[1], dtype=torch.float64, device=x.device),
-                                           torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)])  # fmt: skip
-        acc[0] += x.numel() / x.shape[1]
-        acc[1] += xf.sum(dims)
-        acc[2] += (xf * xf).sum(dims)
+                                           torch.zeros_like(mean64), torch.zeros_like(mean64)])  # fmt: skip
+        acc[0] += n
+        acc[1] += n * mean64  # Σx
+        acc[2] += n * (var.double() + mean64 * mean64)  # Σx²
 
     hooks = [m.register_forward_pre_hook(record) for m in bns]
     try:

@@ -31,6 +31,7 @@ class SimCLRModel(nn.Module):
         stem: str = "standard",
         proj_dim: int = 128,
         proj_hidden: int | None = None,
+        proj_layers: int = 2,
     ) -> None:
         super().__init__()
         if arch not in RESNETS:
@@ -50,16 +51,21 @@ class SimCLRModel(nn.Module):
         feature_dim: int = backbone.fc.in_features  # 512 for resnet18/34, 2048 for resnet50+
         backbone.fc = nn.Identity()
         self.backbone = backbone
-        # Linear → BN → ReLU → Linear (SimCLR v2's head; the bias before BN is redundant).
-        # Hidden width: the feature width by default (the paper); wider helps short runs of
-        # narrow trunks (a 512 → 1024 → 128 head for ResNet-18, docs/benchmarks.md).
+        # (Linear → BN → ReLU) × (layers − 1) → Linear: the SimCLR head, 2 layers in v1, 3 in
+        # v2 (whose features are taken from the first layer's output, ``forward_head1``); the
+        # bias before BN is redundant. Hidden width: the feature width by default (the paper);
+        # wider helps short runs of narrow trunks (a 512 → 1024 → 128 head for ResNet-18).
+        # The module indices of the 2-layer head are those of every earlier checkpoint.
+        if proj_layers < 1:
+            raise ValueError(f"proj_layers must be >= 1, got {proj_layers}")
         hidden = proj_hidden or feature_dim
-        self.projector = nn.Sequential(
-            nn.Linear(feature_dim, hidden, bias=False),
-            nn.BatchNorm1d(hidden),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden, proj_dim),
-        )
+        blocks: list[nn.Module] = []
+        width = feature_dim
+        for _ in range(proj_layers - 1):
+            blocks += [nn.Linear(width, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]  # fmt: skip
+            width = hidden
+        self.projector = nn.Sequential(*blocks, nn.Linear(width, proj_dim))
+        self.proj_layers, self.proj_hidden = proj_layers, hidden
         self.arch, self.stem = arch, stem
         self.feature_dim, self.proj_dim = feature_dim, proj_dim
 
@@ -70,6 +76,13 @@ class SimCLRModel(nn.Module):
     def forward_head(self, h: torch.Tensor) -> torch.Tensor:
         """[N, F] → [N, P] (not normalized)."""
         return self.projector(h)
+
+    def forward_head1(self, h: torch.Tensor) -> torch.Tensor:
+        """[N, F] → [N, hidden]: the first projection layer's output (after BN and ReLU), where
+        SimCLRv2 takes its features from. Needs a head of 2 or more layers."""
+        if self.proj_layers < 2:
+            raise ValueError("a 1-layer projection head has no first hidden layer")
+        return self.projector[:3](h)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.forward_features(x)
@@ -85,14 +98,13 @@ def build_model(cfg: Mapping[str, Any]) -> SimCLRModel:
         stem=stem,
         proj_dim=int(cfg["proj_dim"]),
         proj_hidden=int(hidden) if hidden else None,
+        proj_layers=int(cfg.get("proj_layers") or 2),  # checkpoints before the flag: 2
     )
 
 
 def load_init_weights(model: SimCLRModel, path: str | Path) -> tuple[list[str], list[str]]:
-    """Load a local backbone state_dict (e.g. torchvision's ``resnet50-*.pth``) into the trunk.
-
-    The classifier (``fc.*``) is dropped; returns (missing, unexpected) keys.
-    """
+    """Load a local backbone state_dict (e.g. torchvision's ``resnet50-*.pth``, or a ``simclr
+    train`` checkpoint's trunk) into the trunk; returns (missing, unexpected or unfit) keys."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = {
@@ -100,6 +112,44 @@ def load_init_weights(model: SimCLRModel, path: str | Path) -> tuple[list[str], 
             for k, v in state["model"].items()
             if k.startswith("backbone.")
         }
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    result = model.backbone.load_state_dict(state, strict=False)
-    return list(result.missing_keys), list(result.unexpected_keys)
+    return load_backbone_state(model, state)
+
+
+def load_backbone_state(
+    model: SimCLRModel, state: Mapping[str, torch.Tensor]
+) -> tuple[list[str], list[str]]:
+    """The classifier (``fc.*``) is dropped, and so is any tensor whose shape does not fit —
+    the small and medium stems' 3×3 ``conv1`` cannot take ImageNet's 7×7 one."""
+    own = model.backbone.state_dict()
+    fits = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    unfit = [k for k, v in fits.items() if k in own and own[k].shape != v.shape]
+    result = model.backbone.load_state_dict(
+        {k: v for k, v in fits.items() if k not in unfit}, strict=False
+    )
+    return list(result.missing_keys), list(result.unexpected_keys) + unfit
+
+
+def torchvision_weights(arch: str, spec: str) -> tuple[dict[str, torch.Tensor], str]:
+    """``torchvision`` or ``torchvision:NAME`` → (the ImageNet state_dict of ``arch``, its full
+    name), through torchvision's weights API and torch.hub's cache (``$TORCH_HOME``): read from
+    the cache when the file is there, downloaded once when not."""
+    from simclr_embed.errors import SimclrError
+
+    name = spec.partition(":")[2] or "DEFAULT"
+    choices = torchvision.models.get_model_weights(arch)
+    try:
+        weights = choices.DEFAULT if name == "DEFAULT" else choices[name]
+    except KeyError:
+        known = ", ".join(w.name for w in choices)
+        raise SimclrError(
+            f"--init-weights {spec}: {arch} has no weights {name!r} ({known})"
+        ) from None
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    try:
+        state = weights.get_state_dict(progress=False)
+    except Exception as exc:  # offline, a proxy, a torn download: say where the file goes
+        raise SimclrError(
+            f"--init-weights {spec}: could not fetch {weights.url} ({type(exc).__name__}: "
+            f"{exc}); offline, put the file at {cached}"
+        ) from None
+    return state, f"{type(weights).__name__}.{weights.name}"

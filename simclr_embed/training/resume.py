@@ -37,6 +37,7 @@ MODEL_KEYS = (
     ("image_size", "--image-size"),
     ("proj_dim", "--proj-dim"),
     ("proj_hidden", "--proj-hidden"),
+    ("proj_layers", "--proj-layers"),
 )
 # Keys that change the sample order or the schedule: continuing works, but not exactly.
 EXACT_KEYS = (
@@ -139,7 +140,7 @@ def load_resume_state(
     ckpt = read_checkpoint_everywhere(path)
     old = ckpt["config"]
     for key, flag in MODEL_KEYS:
-        if old.get(key) != resolved[key]:
+        if old.get(key, 2 if key == "proj_layers" else None) != resolved[key]:
             raise SimclrError(
                 f"--resume: {path} was trained with {key}={old.get(key)!r}, "
                 f"but {flag} is {resolved[key]!r}"

@@ -12,8 +12,14 @@ import torch
 from torch import nn
 
 from simclr_embed.errors import SimclrError
+from simclr_embed.training import distributed as dist
 from simclr_embed.training.config import TrainConfig
-from simclr_embed.training.model import SimCLRModel, load_init_weights
+from simclr_embed.training.model import (
+    SimCLRModel,
+    load_backbone_state,
+    load_init_weights,
+    torchvision_weights,
+)
 from simclr_embed.training.optim import scaled_lr
 
 logger = logging.getLogger(__name__)
@@ -59,21 +65,40 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _init_weights(model: SimCLRModel, cfg: TrainConfig) -> None:
+    spec = cfg.init_weights or ""
+    if spec == "torchvision" or spec.startswith("torchvision:"):
+        # Rank 0 fills the cache first, so N processes do not download one file N times.
+        if not dist.is_primary():
+            dist.barrier()
+        try:
+            state, name = torchvision_weights(cfg.arch, spec)
+        finally:
+            if dist.is_primary():
+                dist.barrier()
+        missing, unfit = load_backbone_state(model, state)
+    else:
+        if not Path(spec).is_file():
+            raise SimclrError(f"--init-weights {spec}: no such file")
+        name = spec
+        missing, unfit = load_init_weights(model, spec)
+    logger.info(
+        "started the trunk from %s (%d keys not in it%s)",
+        name,
+        len(missing),
+        f"; left out, not in the trunk or of another shape: {', '.join(unfit)}" if unfit else "",
+    )
+
+
 def build_model(
     cfg: TrainConfig, device: torch.device, world: int, resuming: bool = False
 ) -> nn.Module:
     """The SimCLR model on ``device`` (SyncBatchNorm across CUDA processes, channels_last)."""
-    model: nn.Module = SimCLRModel(cfg.arch, cfg.stem, cfg.proj_dim, cfg.proj_hidden)
+    model: nn.Module = SimCLRModel(
+        cfg.arch, cfg.stem, cfg.proj_dim, cfg.proj_hidden, cfg.proj_layers
+    )
     if cfg.init_weights and not resuming:
-        if not Path(cfg.init_weights).is_file():
-            raise SimclrError(f"--init-weights {cfg.init_weights}: no such file")
-        missing, unexpected = load_init_weights(model, cfg.init_weights)  # type: ignore[arg-type]
-        logger.info(
-            "loaded %s (missing %d keys, unexpected %d)",
-            cfg.init_weights,
-            len(missing),
-            len(unexpected),
-        )
+        _init_weights(model, cfg)  # type: ignore[arg-type]
     if world > 1 and device.type == "cuda":
         # BatchNorm statistics over the global batch (the paper's "global BN").
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

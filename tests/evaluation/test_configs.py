@@ -44,6 +44,17 @@ def test_every_config_file_parses() -> None:
             ),
         ),
         (
+            "finetune-imagenet.yaml",
+            dict(
+                arch="resnet50",
+                image_size=224,
+                stem="standard",  # the ImageNet weights' own stem: conv1 loads too
+                init_weights="torchvision:IMAGENET1K_V2",  # a name torchvision has (checked below)
+                warmup_epochs=1,
+                lr=0.03,
+            ),
+        ),
+        (
             "cifar10-resnet50.yaml",
             dict(
                 arch="resnet50",
@@ -97,3 +108,10 @@ def test_command_line_flags_win_over_the_file() -> None:
         ]
     )
     assert (cfg.batch_size, cfg.epochs, cfg.temperature) == (64, 3, 0.5)
+
+
+def test_finetune_recipe_names_real_torchvision_weights() -> None:
+    import torchvision
+
+    name = load("finetune-imagenet.yaml").init_weights.partition(":")[2]
+    assert torchvision.models.get_model_weights("resnet50")[name].meta["num_params"] > 0
