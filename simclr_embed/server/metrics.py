@@ -4,8 +4,12 @@
 Names: ``simclr_requests_total{code,protocol}`` (``code``: the gRPC status name whatever the
 protocol, so one PromQL covers them all), ``simclr_images_total``, ``simclr_batch_size``,
 ``simclr_queue_seconds``, ``simclr_inference_seconds``, ``simclr_decode_seconds`` (histograms),
-``simclr_queue_images`` (gauge). An own registry (not the global default) keeps several servers
-in one process (tests) apart and leaves out the process/GC collectors nobody asked for.
+``simclr_queue_images`` (gauge). For dashboards and alerts (deploy/grafana, deploy/prometheus):
+``simclr_ready`` (1 while SERVING), ``simclr_queue_capacity_images`` (``--max-queue``), the
+process's ``process_cpu_seconds_total``, ``process_resident_memory_bytes``, ``process_open_fds``
+(prometheus-client's process collector), and with NVML on a GPU ``simclr_gpu_*``
+(:mod:`simclr_embed.server.gpu_metrics`). An own registry (not the global default) keeps several
+servers in one process (tests) apart.
 """
 
 from __future__ import annotations
@@ -13,7 +17,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +49,25 @@ class Metrics:
     """The server's metrics; also the batcher's ``BatchObserver``. Thread-safe (decode threads)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        own = registry is None
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
+        if own:  # a group's supervisor (multiprocess mode) adds its own, per process
+            ProcessCollector(
+                registry=r
+            )  # process_cpu_seconds_total, _resident_memory_bytes, _open_fds
+        self.ready = Gauge(
+            "simclr_ready",
+            "1 while the server answers (health SERVING), 0 while it starts or drains",
+            registry=r,
+            multiprocess_mode="livemin",  # a group is ready when every process is
+        )
+        self.queue_capacity = Gauge(
+            "simclr_queue_capacity_images",
+            "Images the queue holds before RESOURCE_EXHAUSTED (--max-queue)",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.requests = Counter(
             "simclr_requests_total",
             "Embedding requests answered, by gRPC status code (HTTP answers by their gRPC "
