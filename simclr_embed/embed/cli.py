@@ -15,6 +15,7 @@ command with ``--resume`` embeds only what is missing and ends with the same out
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -64,6 +65,7 @@ class EmbedConfig:
     progress: bool = True
     stream: bool = True
     verbose: bool = False
+    log_format: str = "text"  # text | json (simclr_embed.logs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="--target: print the server's decode/queue/inference time percentiles at the end",
     )
+    p.add_argument("--log-format", choices=("text", "json"), default="text", help="json: messages as one JSON object per line on stderr [text]")  # fmt: skip
     return p
 
 
@@ -179,6 +182,7 @@ def parse_config(argv: Sequence[str] | None) -> EmbedConfig:
         progress=not args.no_progress,
         stream=not args.no_stream,
         verbose=args.verbose,
+        log_format=args.log_format,
     )
 
 
@@ -235,8 +239,14 @@ def open_engine(
     return _Remote(client, concurrency, stream)
 
 
+_JSON_LOGS = False  # set by main from --log-format: then every message is a log record
+
+
 def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    if _JSON_LOGS:
+        logging.getLogger("simclr_embed.embed").info(line)
+    else:
+        print(line, file=sys.stderr, flush=True)
 
 
 class _Remote:
@@ -290,7 +300,13 @@ def _run_ray(cfg: EmbedConfig) -> tuple[int, int, int, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    global _JSON_LOGS
     cfg = parse_config(argv)
+    if cfg.log_format == "json":  # text: the plain lines below, as before
+        from simclr_embed import logs
+
+        logs.configure("json", logging.INFO, secrets=[cfg.token])
+        _JSON_LOGS = True
     import grpc  # after argument checks: `--help` stays fast
     from tqdm import tqdm
 

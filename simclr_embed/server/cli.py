@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 from collections.abc import Sequence
 
+from simclr_embed import logs
 from simclr_embed.server.config import build_parser, config_from_args
 
 
@@ -14,10 +14,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     cfg = config_from_args(parser.parse_args(argv), parser)
-    logging.basicConfig(
-        level=cfg.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(cfg.log_format, cfg.log_level, secrets=[cfg.auth_token])
     if cfg.processes > 1:
         from simclr_embed.server.group import run_group
 

@@ -42,6 +42,7 @@ class ServeConfig:
     drain_delay_s: float = DEFAULT_DRAIN_DELAY_S
     max_message_mb: int = 64
     log_level: str = "info"
+    log_format: str = "text"  # text | json (simclr_embed.logs)
     processes: int = 1  # >1: simclr_embed.server.group runs that many workers on the port
     worker: tuple[int, int] | None = (
         None  # (i, N): one worker of a group (simclr_embed.server.group)
@@ -220,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="info",
         help="debug logs per-request timing [info]",
     )
+    p.add_argument("--log-format", choices=("text", "json"), default="text", help="json: one object per line [text]")  # fmt: skip
     return p
 
 
@@ -282,6 +284,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         drain_delay_s=args.drain_delay_s,
         max_message_mb=args.max_message_mb,
         log_level=args.log_level,
+        log_format=args.log_format,
         processes=1 if worker else args.processes,
         worker=worker,
         ready_file=args.ready_file,

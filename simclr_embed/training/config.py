@@ -76,6 +76,7 @@ class TrainConfig:
     eval_every: int = 1
     log_every: int = 50
     progress: bool = True
+    log_format: str = "text"  # text | json (simclr_embed.logs)
     stop_after_steps: int | None = None
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -289,6 +290,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=True,
         help="tqdm progress bar on rank 0",
     )
+    r.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="json: one object per line (time, level, logger, message) [text]",
+    )
     return p
 
 
@@ -499,5 +506,6 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         eval_every=args.eval_every,
         log_every=args.log_every,
         progress=args.progress,
+        log_format=args.log_format,
         stop_after_steps=args.stop_after_steps,
     )
