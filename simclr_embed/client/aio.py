@@ -10,7 +10,14 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2
 
-from simclr_embed.client.base import INFO_REQUEST, PROBE_S, RESENDABLE, ClientBase, backoff_s
+from simclr_embed.client.base import (
+    INFO_REQUEST,
+    PROBE_S,
+    RESENDABLE,
+    ClientBase,
+    backoff_s,
+    traced,
+)
 from simclr_embed.client.channel import SERVICE
 from simclr_embed.client.codec import (
     Chunk,
@@ -82,7 +89,7 @@ class AsyncEmbeddingClient(ClientBase):
         for attempt in range(self.resend + 1):
             try:
                 return await self._stub.Embed(
-                    request, timeout=self.timeout, metadata=self._metadata
+                    request, timeout=self.timeout, metadata=traced(self._metadata)
                 )
             except grpc.RpcError as exc:
                 if exc.code() not in RESENDABLE or attempt == self.resend:

@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 
+from simclr_embed import tracing
 from simclr_embed.client.channel import (
     channel_options,
     credentials,
@@ -54,7 +55,9 @@ class ClientBase:
         self.target = grpc_target(target)
         self.timeout, self.max_batch, self.resend = timeout, max_batch, resend
         self._max_bytes = int(max_message_mb * 2**20 * 0.9)  # headroom for the message framing
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
         creds = credentials(tls)
         options = channel_options(max_message_mb, retry=retry)
         self._channel = make_channel(self.target, creds, options, aio=self._aio)
@@ -63,3 +66,13 @@ class ClientBase:
         self._stub = pb_grpc.EmbeddingServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._probe)
         self._dims: dict[str, int] = {}
+
+
+def traced(metadata: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """``metadata`` plus the caller's current trace context (``traceparent``), when there is one
+    (``simclr embed --otlp-endpoint``, or the application's own OpenTelemetry): the server's
+    spans then join the caller's trace. Read in the calling thread: worker threads do not
+    inherit the caller's context."""
+    carrier: dict[str, str] = {}
+    tracing.inject_current(carrier)
+    return metadata + tuple(carrier.items()) if carrier else metadata

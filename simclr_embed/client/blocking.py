@@ -30,7 +30,14 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2
 
-from simclr_embed.client.base import INFO_REQUEST, PROBE_S, RESENDABLE, ClientBase, backoff_s
+from simclr_embed.client.base import (
+    INFO_REQUEST,
+    PROBE_S,
+    RESENDABLE,
+    ClientBase,
+    backoff_s,
+    traced,
+)
 from simclr_embed.client.channel import (
     SERVICE,
 )
@@ -136,13 +143,14 @@ class EmbeddingClient(ClientBase):
         """
         check_options(kind, on_error)
         skip = on_error == "skip"
+        metadata = traced(self._metadata)  # here: the pool's threads lack the caller's context
         chunks = plan_chunks(images, self.max_batch, self._max_bytes, skip=skip)
         if stream and skip:
             try:
                 yield from stream_batches(
                     self._stub.EmbedStream, chunks, kind=kind, normalize=normalize, skip=skip,
                     window=max(2, 2 * concurrency), resend=self.resend,
-                    dim=lambda: self._dim(kind), metadata=self._metadata, backoff=backoff_s,
+                    dim=lambda: self._dim(kind), metadata=metadata, backoff=backoff_s,
                     resendable=RESENDABLE,
                 )  # fmt: skip
                 return
@@ -150,7 +158,7 @@ class EmbeddingClient(ClientBase):
                 chunks = old_server.remaining
         if concurrency <= 1:  # no thread pool for the common one-at-a-time case
             for chunk in chunks:
-                yield self._batch(chunk, kind, normalize, skip)
+                yield self._batch(chunk, kind, normalize, skip, metadata)
             return
         with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
             pending: collections.deque[concurrent.futures.Future[EmbedBatch]] = collections.deque()
@@ -158,23 +166,26 @@ class EmbeddingClient(ClientBase):
                 for chunk in chunks:
                     if len(pending) >= concurrency:
                         yield pending.popleft().result()  # re-raises EmbeddingError
-                    pending.append(pool.submit(self._batch, chunk, kind, normalize, skip))
+                    pending.append(pool.submit(self._batch, chunk, kind, normalize, skip, metadata))
                 while pending:
                     yield pending.popleft().result()
             finally:
                 for fut in pending:
                     fut.cancel()
 
-    def _batch(self, chunk: Chunk, kind: str, normalize: bool, skip: bool) -> EmbedBatch:
+    def _batch(
+        self, chunk: Chunk, kind: str, normalize: bool, skip: bool, metadata: Any = None
+    ) -> EmbedBatch:
         if not chunk.images:  # nothing sendable in this run of inputs
             return to_batch(chunk, None, self._dim(kind))
         request = build_request(chunk.images, kind, normalize, skip)
-        return to_batch(chunk, self._call(request, chunk.start), 0)
+        return to_batch(chunk, self._call(request, chunk.start, metadata), 0)
 
-    def _call(self, request: Any, start: int) -> Any:
+    def _call(self, request: Any, start: int, metadata: Any = None) -> Any:
+        md = self._metadata if metadata is None else metadata
         for attempt in range(self.resend + 1):
             try:
-                return self._stub.Embed(request, timeout=self.timeout, metadata=self._metadata)
+                return self._stub.Embed(request, timeout=self.timeout, metadata=md)
             except grpc.RpcError as exc:
                 if exc.code() not in RESENDABLE or attempt == self.resend:
                     raise self._explained(exc, start) from None

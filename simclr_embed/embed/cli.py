@@ -66,6 +66,8 @@ class EmbedConfig:
     stream: bool = True
     verbose: bool = False
     log_format: str = "text"  # text | json (simclr_embed.logs)
+    otlp_endpoint: str | None = None  # trace the job (simclr_embed.tracing) [off]
+    otlp_protocol: str = "grpc"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="--target: print the server's decode/queue/inference time percentiles at the end",
     )
     p.add_argument("--log-format", choices=("text", "json"), default="text", help="json: messages as one JSON object per line on stderr [text]")  # fmt: skip
+    p.add_argument("--otlp-endpoint", default=None, metavar="HOST:PORT|URL", help="trace the job to this OTLP collector; the servers' spans join its trace (tracing extra) [off]")  # fmt: skip
+    p.add_argument("--otlp-protocol", choices=("grpc", "http"), default="grpc", help="OTLP over gRPC or HTTP/protobuf [grpc]")  # fmt: skip
     return p
 
 
@@ -183,6 +187,8 @@ def parse_config(argv: Sequence[str] | None) -> EmbedConfig:
         stream=not args.no_stream,
         verbose=args.verbose,
         log_format=args.log_format,
+        otlp_endpoint=args.otlp_endpoint,
+        otlp_protocol=args.otlp_protocol,
     )
 
 
@@ -307,6 +313,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         logs.configure("json", logging.INFO, secrets=[cfg.token])
         _JSON_LOGS = True
+    from simclr_embed import tracing
+
+    tracing.setup("simclr-embed", cfg.otlp_endpoint, cfg.otlp_protocol)
+    try:  # one trace for the job: the servers' spans join it through every call's metadata
+        with tracing.root_span("simclr embed", **{"simclr.output": str(cfg.output)}):
+            return _run(cfg)
+    finally:
+        tracing.shutdown()
+
+
+def _run(cfg: EmbedConfig) -> int:
     import grpc  # after argument checks: `--help` stays fast
     from tqdm import tqdm
 

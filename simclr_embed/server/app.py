@@ -32,6 +32,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from PIL import Image
 
+from simclr_embed import tracing
 from simclr_embed.errors import SimclrError
 from simclr_embed.inference.images import Preprocessor
 from simclr_embed.inference.runtime import Runtime, check_model_file, open_runtime, usable_cores
@@ -120,6 +121,9 @@ class EmbeddingServer:
     async def start(self) -> None:
         cfg = self.cfg
         check_model_file(cfg.model)  # before the port opens: a checkpoint is not a model
+        tracing.setup(
+            cfg.service_name, cfg.otlp_endpoint, cfg.otlp_protocol, cfg.trace_sample_ratio
+        )
         interceptors = []
         if cfg.auth_token:
             interceptors.append(BearerTokenInterceptor(cfg.auth_token, self._count_rejected))
@@ -331,6 +335,8 @@ class EmbeddingServer:
             await self._batcher.stop(timeout=1.0)
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
         self.metrics.close()
+        if self.cfg.otlp_endpoint is not None:
+            await asyncio.to_thread(tracing.shutdown)  # flush the last spans to the collector
         counts = self.metrics.request_counts()
         log.info(
             "stopped; Embed calls answered: %s",

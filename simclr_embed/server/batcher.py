@@ -38,6 +38,8 @@ from typing import Protocol
 
 import numpy as np
 
+from simclr_embed import tracing
+
 log = logging.getLogger(__name__)
 
 POLICIES = ("continuous", "delay")
@@ -88,6 +90,7 @@ class _Request:
     outputs: Outputs | None = field(default=None, repr=False)
     started_at: float | None = None  # loop.time() its first model call started
     inference_s: float = 0.0  # duration of the model calls its images were in
+    trace: object = None  # the request's span when tracing (a batch span links to it)
 
     @property
     def size(self) -> int:
@@ -204,6 +207,7 @@ class DynamicBatcher:
         *,
         deadline: float | None = None,
         timing: dict[str, float] | None = None,
+        trace: object = None,
     ) -> Outputs:
         """Queue ``images`` ``[n, ...]`` and wait for ``{name: [n, ...]}`` in the same order.
 
@@ -224,8 +228,9 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         idle = not self._queue and not self._busy
         if self.inline and idle and self.policy == "continuous" and n <= self.max_batch_size:
-            return self._run_now(images, loop, timing)  # a model on the loop, idle: call it now
+            return self._run_now(images, loop, timing, trace)  # on the loop, idle: call it now
         request = _Request(images, loop.create_future(), loop.time(), deadline)
+        request.trace = trace
         was_empty = not self._queue
         self._queue.append(request)
         self._queued += n
@@ -242,10 +247,15 @@ class DynamicBatcher:
         if timing is not None and request.started_at is not None:
             timing["queue_s"] = request.started_at - request.enqueued_at
             timing["inference_s"] = request.inference_s
+            timing["queued_at"], timing["started_at"] = request.enqueued_at, request.started_at
         return outputs
 
     def _run_now(
-        self, images: np.ndarray, loop: asyncio.AbstractEventLoop, timing: dict[str, float] | None
+        self,
+        images: np.ndarray,
+        loop: asyncio.AbstractEventLoop,
+        timing: dict[str, float] | None,
+        trace: object = None,
     ) -> Outputs:
         """The whole request as one batch, on the loop, without queueing: no future, no task,
         no collector turn (together costlier than a do-nothing model's call)."""
@@ -254,9 +264,12 @@ class DynamicBatcher:
         inference_s = loop.time() - started
         _check_rows(outputs, len(images))
         self._observer.batch_done(len(images), (0.0,), inference_s)
+        if trace is not None:
+            self._trace_batch([trace], started, inference_s, len(images), loop)
         if timing is not None:
             timing["queue_s"] = 0.0
             timing["inference_s"] = inference_s
+            timing["queued_at"] = timing["started_at"] = started
         return outputs
 
     async def stop(self, timeout: float | None = None) -> None:
@@ -421,6 +434,9 @@ class DynamicBatcher:
                 if request.started_at is None:
                     request.started_at = started
                 request.inference_s += inference_s
+            if tracing.enabled():
+                traces = [r.trace for r, _, _ in batch]
+                self._trace_batch(traces, started, inference_s, len(images), loop)
             self._scatter(batch, outputs)
         except asyncio.CancelledError:
             for request, _, _ in batch:
@@ -434,6 +450,17 @@ class DynamicBatcher:
             self._busy -= 1
             self._slots.release()
             self._wake()  # a collector waiting beside a busy model may go now
+
+    @staticmethod
+    def _trace_batch(
+        traces: list[object],
+        started: float,
+        inference_s: float,
+        images: int,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        start = tracing.wall_ns(started, loop.time())
+        tracing.batch_span(traces, start, start + int(inference_s * 1e9), images)
 
     @staticmethod
     def _scatter(batch: list[Segment], outputs: Mapping[str, np.ndarray]) -> None:

@@ -43,6 +43,10 @@ class ServeConfig:
     max_message_mb: int = 64
     log_level: str = "info"
     log_format: str = "text"  # text | json (simclr_embed.logs)
+    otlp_endpoint: str | None = None  # tracing off unless set (simclr_embed.tracing)
+    otlp_protocol: str = "grpc"
+    trace_sample_ratio: float = 1.0
+    service_name: str = "simclr-serve"
     processes: int = 1  # >1: simclr_embed.server.group runs that many workers on the port
     worker: tuple[int, int] | None = (
         None  # (i, N): one worker of a group (simclr_embed.server.group)
@@ -222,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="debug logs per-request timing [info]",
     )
     p.add_argument("--log-format", choices=("text", "json"), default="text", help="json: one object per line [text]")  # fmt: skip
+    p.add_argument("--otlp-endpoint", default=None, metavar="HOST:PORT|URL", help="export OpenTelemetry traces to this OTLP collector (needs the tracing extra) [off]")  # fmt: skip
+    p.add_argument("--otlp-protocol", choices=("grpc", "http"), default="grpc", help="OTLP over gRPC (4317) or HTTP/protobuf (4318) [grpc]")  # fmt: skip
+    p.add_argument("--trace-sample-ratio", type=float, default=1.0, help="share of new traces kept; a caller's sampled flag is always followed [1.0]")  # fmt: skip
+    p.add_argument("--service-name", default="simclr-serve", help="service.name on the traces [simclr-serve]")  # fmt: skip
     return p
 
 
@@ -237,6 +245,8 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     for name in ("max_delay_ms", "grace_s", "drain_delay_s"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not 0.0 <= args.trace_sample_ratio <= 1.0:
+        parser.error(f"--trace-sample-ratio must be in [0, 1], got {args.trace_sample_ratio}")
     for name in ("fetch_max_mb", "fetch_timeout_s"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
@@ -285,6 +295,10 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         max_message_mb=args.max_message_mb,
         log_level=args.log_level,
         log_format=args.log_format,
+        otlp_endpoint=args.otlp_endpoint,
+        otlp_protocol=args.otlp_protocol,
+        trace_sample_ratio=args.trace_sample_ratio,
+        service_name=args.service_name,
         processes=1 if worker else args.processes,
         worker=worker,
         ready_file=args.ready_file,

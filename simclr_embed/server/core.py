@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from simclr_embed import tracing
 from simclr_embed.inference.images import ImageError, Preprocessor, RawPixels
 from simclr_embed.inference.runtime import ModelInfo, select_output
 from simclr_embed.server.batcher import (
@@ -116,6 +117,20 @@ class Backend:
     batcher: DynamicBatcher
 
 
+def _stage_spans(
+    span: object, decode_started: int, decode_ms: float, timing: dict[str, float], bad: int
+) -> None:
+    decode_end = decode_started + int(decode_ms * 1e6)
+    tracing.child(span, "decode", decode_started, decode_end, **{"simclr.bad_images": bad})
+    if "started_at" not in timing:
+        return
+    loop_now = asyncio.get_running_loop().time()
+    queued = tracing.wall_ns(timing["queued_at"], loop_now)
+    started = tracing.wall_ns(timing["started_at"], loop_now)
+    tracing.child(span, "queue", queued, started)
+    tracing.child(span, "model", started, started + int(timing["inference_s"] * 1e9))
+
+
 @dataclass
 class RequestPath:
     """Admission and the request path; refuses (``Unavailable``) until :meth:`attach` and after
@@ -199,13 +214,30 @@ class RequestPath:
                 f"queue full: {batcher.queued_images} of {batcher.max_queue} images waiting, "
                 f"{n} more do not fit; retry later"
             )
+        span = tracing.start_request({"simclr.images": n, "simclr.output": opts.output})
+        try:
+            return await self._embed(images, opts, backend, span)
+        except BaseException as exc:
+            tracing.finish(span, exc)
+            span = None
+            raise
+        finally:
+            tracing.finish(span)
+
+    async def _embed(
+        self, images: Sequence[ImageInput], opts: EmbedOptions, backend: Backend, span: object
+    ) -> Answer:
+        batcher, n = backend.batcher, len(images)
         t0 = time.perf_counter()
+        decode_started = time.time_ns()
         batch, bad = await self._decode(images, backend.preprocessor, opts.per_image_errors)
         decode_ms = 1e3 * (time.perf_counter() - t0)
         timing: dict[str, float] = {}
         if len(batch):
             try:
-                outputs = await batcher.submit(batch, deadline=opts.deadline, timing=timing)
+                outputs = await batcher.submit(
+                    batch, deadline=opts.deadline, timing=timing, trace=span
+                )
             except QueueFullError as exc:
                 raise Overloaded(f"{exc}; retry later") from None
             except DeadlineExceededError as exc:
@@ -219,6 +251,8 @@ class RequestPath:
             dims = {"features": info.feature_dim, "projection": info.projection_dim}
             vectors = np.zeros((0, dims[opts.output]), np.float32)
             extra = {name: np.zeros((0, dims[name]), np.float32) for name in opts.also}
+        if span is not None:  # the stages as child spans, from the times measured anyway
+            _stage_spans(span, decode_started, decode_ms, timing, bad=len(bad))
         return Answer(
             vectors=vectors,
             bad=bad,

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from simclr_embed import tracing
 from simclr_embed.server.config import ServeConfig
 from simclr_embed.server.core import (
     Answer,
@@ -161,6 +162,10 @@ def middlewares(ctx: HttpContext) -> list[Callable[..., Awaitable[web.StreamResp
     async def answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         protocol = getattr(request.match_info.handler, "protocol", None)
         ANSWERED.set(0)
+        if protocol and tracing.enabled():
+            route = request.match_info.route.resource
+            name = route.canonical if route is not None else request.path
+            tracing.INCOMING.set((f"{request.method} {name}", request.headers))
         try:
             if expected is not None and not request.path.startswith(PUBLIC_PATHS):
                 given = request.headers.get("Authorization", "").encode()

@@ -15,6 +15,7 @@ from typing import NoReturn
 import grpc
 import numpy as np
 
+from simclr_embed import tracing
 from simclr_embed.pb.simclr.v1 import embedding_pb2 as pb
 from simclr_embed.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc
 from simclr_embed.server.core import (
@@ -84,6 +85,10 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
     async def Embed(
         self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> pb.EmbedResponse:
+        if tracing.enabled():  # the caller's traceparent, for the request path's span
+            tracing.INCOMING.set(
+                (f"{SERVICE_NAME}/Embed", dict(context.invocation_metadata() or ()))
+            )
         if not self._enter(context):
             await abort(context, grpc.StatusCode.UNAVAILABLE, self.path.refusal)
         try:
@@ -104,6 +109,10 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         self, request_iterator: AsyncIterator[pb.EmbedRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.EmbedResponse]:
         """See ``server.streaming``: the messages of one stream through the same path as Embed."""
+        if tracing.enabled():  # one span per message, all under the stream's traceparent
+            tracing.INCOMING.set(
+                (f"{SERVICE_NAME}/EmbedStream", dict(context.invocation_metadata() or ()))
+            )
         if not self._enter(context):
             await abort(context, grpc.StatusCode.UNAVAILABLE, self.path.refusal)
         try:

@@ -15,6 +15,7 @@ import logging
 import grpc
 import numpy as np
 
+from simclr_embed import tracing
 from simclr_embed.pb.inference import grpc_predict_v2_pb2 as v2
 from simclr_embed.pb.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from simclr_embed.server.core import STATUS, EmbedOptions, InvalidRequest, RequestError, RequestPath
@@ -105,6 +106,10 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: v2.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> v2.ModelInferResponse:
+        if tracing.enabled():
+            tracing.INCOMING.set(
+                (f"{SERVICE_NAME}/ModelInfer", dict(context.invocation_metadata() or ()))
+            )
         if not self.path.enter():
             self._metrics.request_done("UNAVAILABLE", 0, PROTOCOL)
             await abort(context, grpc.StatusCode.UNAVAILABLE, self.path.refusal)
