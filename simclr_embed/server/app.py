@@ -38,7 +38,6 @@ from simclr_embed.inference.images import Preprocessor
 from simclr_embed.inference.runtime import Runtime, check_model_file, open_runtime, usable_cores
 from simclr_embed.pb.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from simclr_embed.pb.simclr.v1 import embedding_pb2_grpc as pb_grpc
-from simclr_embed.server import gpu_metrics
 from simclr_embed.server.auth import BearerTokenInterceptor
 from simclr_embed.server.batcher import DynamicBatcher
 from simclr_embed.server.config import ServeConfig
@@ -197,11 +196,7 @@ class EmbeddingServer:
         )
         for service in _SERVICES:
             await self._health.set(service, _SERVING)
-        self.metrics.ready.set(1)
-        self.metrics.queue_capacity.set(cfg.max_queue)
-        why_not = gpu_metrics.register(self.metrics.registry, tuple(runtime.providers))
-        if why_not is not None:
-            log.debug("no GPU metrics: %s", why_not)
+        self.metrics.serving(cfg.max_queue, tuple(runtime.providers))
         if cfg.ready_file is not None:
             touch_atomically(cfg.ready_file)
         log.info(
@@ -296,7 +291,7 @@ class EmbeddingServer:
         loop = asyncio.get_running_loop()
         started = loop.time()
         self.path.drain()  # before the health flip: nothing new is accepted once it shows
-        self.metrics.ready.set(0)
+        self.metrics.ready.set(0)  # draining
         await self._health.enter_graceful_shutdown()  # every service NOT_SERVING, for good
         if self.path.inflight:
             log.info("draining %d request(s) in flight", self.path.inflight)

@@ -26,6 +26,8 @@ from prometheus_client import (
     start_http_server,
 )
 
+from simclr_embed.server import gpu_metrics
+
 log = logging.getLogger(__name__)
 
 # Codes the server answers with; created at zero so dashboards see them before the first error.
@@ -109,6 +111,14 @@ class Metrics:
             multiprocess_mode="livesum",
         )
         self._http = None
+
+    def serving(self, max_queue: int, providers: tuple[str, ...]) -> None:
+        """The server is SERVING: readiness, capacity, and the GPU gauges when on CUDA."""
+        self.ready.set(1)
+        self.queue_capacity.set(max_queue)
+        why_not = gpu_metrics.register(self.registry, providers)
+        if why_not is not None:
+            log.debug("no GPU metrics: %s", why_not)
 
     # -- BatchObserver ---------------------------------------------------------------------------
 
