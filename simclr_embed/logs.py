@@ -67,7 +67,8 @@ def configure(
     datefmt: str | None = None,
     secrets: Sequence[str | None] = (),
 ) -> None:
-    """Replace the root logger's handlers with one stderr handler in ``log_format``; ``secrets``
+    """Install one stderr handler in ``log_format`` on the root logger (replacing the one an
+    earlier call installed); ``secrets``
     (a token given as a flag) are masked like ``$SIMCLR_AUTH_TOKEN``."""
     if log_format not in FORMATS:
         raise ValueError(f"log format must be one of {FORMATS}, got {log_format!r}")
@@ -76,8 +77,10 @@ def configure(
         JsonFormatter() if log_format == "json" else logging.Formatter(TEXT, datefmt)
     )
     handler.addFilter(Redactor(secrets))
+    handler.simclr = True  # type: ignore[attr-defined]  # ours: replaced on the next call
     root = logging.getLogger()
-    for old in root.handlers[:]:
-        root.removeHandler(old)
+    for old in root.handlers[:]:  # others (a test harness's capture) stay
+        if getattr(old, "simclr", False):
+            root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)

@@ -293,4 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg.checkpoint, cfg.torch_program, report["metadata"], verify=cfg.verify, seed=cfg.seed
         )
     print_report(report)
+    from simclr_embed.training.tracking import log_export
+
+    run = log_export(cfg.checkpoint, cfg.output)  # the run that trained it, if it used MLflow
+    if run is not None:
+        print(f"logged {cfg.output.name} to MLflow run {run}")
     return 0

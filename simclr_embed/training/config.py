@@ -77,6 +77,8 @@ class TrainConfig:
     log_every: int = 50
     progress: bool = True
     log_format: str = "text"  # text | json (simclr_embed.logs)
+    logger: str = "tensorboard"  # comma-separated: tensorboard, mlflow (training/tracking.py)
+    mlflow_experiment: str | None = None
     stop_after_steps: int | None = None
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -296,6 +298,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         default="text",
         help="json: one object per line (time, level, logger, message) [text]",
     )
+    r.add_argument(
+        "--logger",
+        default="tensorboard",
+        metavar="tensorboard[,mlflow]",
+        help="where metrics go: TensorBoard (OUT/tb) and/or MLflow (MLFLOW_TRACKING_URI; the "
+        "mlflow extra) [tensorboard]",
+    )
+    r.add_argument("--mlflow-experiment", default=None, help="MLflow experiment name [MLflow's default]")  # fmt: skip
     return p
 
 
@@ -457,6 +467,11 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         ("--eval-every", args.eval_every >= 1, "must be >= 1"),
         ("--log-every", args.log_every >= 1, "must be >= 1"),
         (
+            "--logger",
+            bool(args.logger) and set(args.logger.split(",")) <= {"tensorboard", "mlflow"},
+            f"must be tensorboard, mlflow or both comma-separated, got {args.logger!r}",
+        ),
+        (
             "--stop-after-steps",
             args.stop_after_steps is None or args.stop_after_steps >= 1,
             "must be >= 1",
@@ -507,5 +522,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         log_every=args.log_every,
         progress=args.progress,
         log_format=args.log_format,
+        logger=args.logger,
+        mlflow_experiment=args.mlflow_experiment,
         stop_after_steps=args.stop_after_steps,
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -34,11 +35,19 @@ class Reporter:
         global_batch: int,
         log_every: int,
         progress: bool,
+        loggers: str = "tensorboard",
+        params: dict[str, Any] | None = None,
+        experiment: str | None = None,
     ) -> None:
         self.primary = dist.is_primary()
         self.total_steps, self.global_batch, self.log_every = total_steps, global_batch, log_every
         self.writer = None
-        if self.primary:
+        self.tracker: Any = None  # rank 0's MlflowRun (training/tracking.py)
+        if self.primary and "mlflow" in loggers.split(","):
+            from simclr_embed.training.tracking import MlflowRun
+
+            self.tracker = MlflowRun(out_dir, params or {}, experiment)
+        if self.primary and "tensorboard" in loggers.split(","):
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(out_dir / "tb"))
@@ -111,6 +120,12 @@ class Reporter:
             self.writer.add_scalar("train/lr", lr, step)
             self.writer.add_scalar("train/img_per_s", img_s, step)
             self.writer.add_scalar("perf/data_wait", wait, step)
+        if self.tracker is not None:
+            self.tracker.scalars(
+                {"train/loss": loss, "train/contrastive_top1": top1, "train/lr": lr,
+                 "train/img_per_s": img_s, "perf/data_wait": wait},
+                step,
+            )  # fmt: skip
         self._reset()
 
     def epoch_end(self, epoch: int) -> int:
@@ -136,8 +151,14 @@ class Reporter:
         if self.writer is not None:
             self.writer.add_scalar("eval/knn_top1", top1, step)
             self.writer.flush()
+        if self.tracker is not None:
+            self.tracker.scalars({"eval/knn_top1": top1}, step)
 
-    def close(self) -> None:
+    def close(self, checkpoint: Path | None = None, finished: bool = True) -> None:
+        """A finished run logs ``checkpoint`` to MLflow; an unfinished one (a signal,
+        ``--stop-after-steps``, a crash) ends its MLflow run KILLED, to be resumed into."""
         self.pbar.close()
         if self.writer is not None:
             self.writer.close()
+        if self.tracker is not None:
+            self.tracker.finish(checkpoint if finished else None, stopped=not finished)

@@ -1,8 +1,6 @@
 """SimCLR training: ``train_one_epoch`` and ``main(cfg)``, one code path for 1 or N processes.
 
-Single process (GPU if there is one)::
-
-    python -m simclr_embed.training --data DIR --out runs/a
+Single process (GPU if there is one): ``python -m simclr_embed.training --data DIR --out runs/a``.
 
 One node, 8 GPUs (DDP, SyncBatchNorm, negatives gathered from all GPUs)::
 
@@ -293,6 +291,9 @@ def _run(cfg: TrainConfig, device: torch.device, stop: StopRequest) -> None:
         global_batch=global_batch,
         log_every=cfg.log_every,
         progress=cfg.progress,
+        loggers=cfg.logger,
+        params=resolved,
+        experiment=cfg.mlflow_experiment,
     )
 
     def checkpoint() -> None:
@@ -379,7 +380,7 @@ def _run(cfg: TrainConfig, device: torch.device, stop: StopRequest) -> None:
         if cfg.eval_data and last_eval != state.step and state.stopped_by is None:
             knn()
     finally:
-        reporter.close()
+        reporter.close(ckpt_dir / "last.pt", finished=state.step >= total_steps)
     if state.stopped_by is not None:
         logger.warning(
             "stopped by %s at step %d of %d; last.pt is written. Continue with the same command "
