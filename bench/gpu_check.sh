@@ -193,9 +193,9 @@ import numpy as np
 from simclr_embed.client import EmbeddingClient
 from simclr_embed.demo.steps import free_port
 model, data, device, simclr = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
-port = free_port()
+port, mport = free_port(), free_port()
 proc = subprocess.Popen([*simclr, "serve", "--model", model, "--port", str(port), "--device",
-                         device, "--drain-delay-s", "0"])
+                         device, "--drain-delay-s", "0", "--metrics-port", str(mport)])
 try:
     with EmbeddingClient(f"127.0.0.1:{port}", timeout=120) as client:
         client.wait_until_serving(timeout=120)
@@ -208,10 +208,14 @@ try:
         vecs = client.embed(blobs * 4, concurrency=8)
         rate = len(vecs) / (time.perf_counter() - t0)
         assert np.isfinite(vecs).all()
+        import urllib.request  # the NVML gauges (gpu-metrics extra) on the real /metrics
+        text = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read().decode()
+        gpu = [ln for ln in text.splitlines() if ln.startswith(("simclr_gpu_utilization", "simclr_gpu_memory_used"))]
 finally:
     proc.send_signal(signal.SIGTERM)
     rc = proc.wait(60)
-print(f"served {len(vecs)} PNGs ({vecs.shape[1]}-d) on {info['providers'][0]} at {rate:.0f} img/s; exit {rc}")
+gpu_note = "; ".join(gpu) if gpu else "no GPU metrics (CPU, or nvidia-ml-py missing)"
+print(f"served {len(vecs)} PNGs ({vecs.shape[1]}-d) on {info['providers'][0]} at {rate:.0f} img/s; exit {rc}; {gpu_note}")
 sys.exit(0 if rc == 0 else 1)
 EOF
 

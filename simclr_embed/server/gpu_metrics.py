@@ -50,7 +50,7 @@ class NvmlCollector:
 
 def register(registry: CollectorRegistry, providers: tuple[str, ...]) -> str | None:
     """Add the NVML collector when the model runs on CUDA; returns why not, or None."""
-    if not any("CUDA" in p or p.startswith("cuda") for p in providers):
+    if not any("cuda" in p.lower() for p in providers):  # ORT's CUDAExecutionProvider, torch-cuda
         return "the model runs on the CPU"
     try:
         import pynvml
