@@ -139,7 +139,7 @@ def cluster() -> Iterator[Cluster]:
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_image_folder(tmp_path_factory.mktemp("photos"), per_class=700, size=16)
+    return write_image_folder(tmp_path_factory.mktemp("photos"), per_class=400, size=16)
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ from tests.conftest import write_image_folder
 pytestmark = [pytest.mark.ddp, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-STEPS, EVERY = 40, 5
+STEPS, EVERY = 30, 5
 # What deploy/torchrun-multinode.sh exports: with torchrun's default (the rendezvous TCPStore
 # shared with the workers) a node that comes back after being lost never completes the next
 # rendezvous on torch 2.14 — both agents wait 60 s for keys the other wrote to another store.
