@@ -201,7 +201,7 @@ def test_overwrite_of_a_parquet_folder_keeps_the_old_one_until_the_new_is_comple
 
 
 def test_a_ray_actor_refuses_a_model_file_replaced_after_the_job_started(
-    tiny_onnx: Path, other_onnx: Path
+    tiny_onnx: Path, other_onnx: Path, tmp_path: Path
 ) -> None:
     """Each Ray actor opens the model file itself: if it now holds another model, the actor
     refuses to start (Ray then fails the job) instead of writing that model's vectors."""
@@ -211,6 +211,6 @@ def test_a_ray_actor_refuses_a_model_file_replaced_after_the_job_started(
 
     version = open_runtime(tiny_onnx, device="cpu", max_batch_size=1).info.model_version
     job = {"model_version": version, "dimension": 512}
-    Embed(str(tiny_onnx), "cpu", 4, "features", False, job)  # the job's own model: fine
+    Embed(str(tiny_onnx), "cpu", 4, "features", False, job, str(tmp_path))  # its own model: fine
     with pytest.raises(SimclrError, match=f"now holds model {OTHER_VERSION}.*started with model {version}"):  # fmt: skip
-        Embed(str(other_onnx), "cpu", 4, "features", False, job)
+        Embed(str(other_onnx), "cpu", 4, "features", False, job, str(tmp_path))
