@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable, Sequence
 
@@ -26,7 +27,10 @@ def run_main(fn: Callable[[Sequence[str] | None], int], argv: Sequence[str] | No
     try:
         return fn(argv)
     except SimclrError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if any(getattr(h, "simclr_json", False) for h in logging.getLogger().handlers):
+            logging.getLogger("simclr_embed").error("error: %s", exc)  # --log-format json
+        else:
+            print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -78,6 +78,7 @@ def configure(
     )
     handler.addFilter(Redactor(secrets))
     handler.simclr = True  # type: ignore[attr-defined]  # ours: replaced on the next call
+    handler.simclr_json = log_format == "json"  # type: ignore[attr-defined]  # errors.run_main
     root = logging.getLogger()
     for old in root.handlers[:]:  # others (a test harness's capture) stay
         if getattr(old, "simclr", False):

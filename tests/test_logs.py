@@ -16,6 +16,7 @@ import pytest
 
 from simclr_embed import logs
 from simclr_embed.client import EmbeddingClient
+from simclr_embed.errors import SimclrError, run_main
 from tests.server.conftest import REPO, ServerProcess, encode, photo
 
 SECRET = "s3cret-token-9f8e7d"
@@ -81,13 +82,19 @@ def test_redaction_and_exceptions(monkeypatch: pytest.MonkeyPatch, capsys: pytes
             raise ValueError("boom")
         except ValueError:
             log.exception("failed")
+
+        def fails(argv: object) -> int:
+            raise SimclrError("no such folder: /nowhere")
+
+        assert run_main(fails) == 1  # a command's one-line error: a JSON record too
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
     err = capsys.readouterr().err
-    first, second, third = _records(err)
+    first, second, third, fourth = _records(err)
     assert first["message"] == "headers {'authorization': 'Bearer ***'}"
     assert second["message"] == "env *** flag ***" and second["request_id"] == "r-1"
     assert third["level"] == "ERROR" and "ValueError: boom" in str(third["exception"])
+    assert fourth["level"] == "ERROR" and fourth["message"] == "error: no such folder: /nowhere"
     for secret in ("abc.def-ghi", "env-token-1234", "flag-token-5678"):
         assert secret not in err
