@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,7 +38,7 @@ import numpy as np
 from simclr_embed.embed.job import swap_in
 from simclr_embed.embed.store import ParquetStore, embedding_table, errors_path
 from simclr_embed.errors import SimclrError
-from simclr_embed.fileio import atomic_write_text
+from simclr_embed.fileio import atomic_path, atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +71,7 @@ def decode_batch(
         else:
             pixels[i] = out
     if errors:  # named by the first order: a re-executed task overwrites, never duplicates
-        _write_atomically(
+        atomic_write_bytes(
             Path(errors_dir) / f"{errors[0][0]:012d}.json", json.dumps(errors).encode()
         )
     bad = {order for order, _, _ in errors}
@@ -83,12 +81,6 @@ def decode_batch(
         "pixels": pixels,
         "ok": np.array([int(o) not in bad for o in batch["order"]]),
     }
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 class Embed:
@@ -127,11 +119,8 @@ class Embed:
             vectors = select_output(outputs, self.kind, self.normalize)  # [n_ok, D]
             table = embedding_table([str(p) for p in batch["path"][ok]], vectors, self.job)
             part = self.output / f"part-{int(batch['order'][0]):012d}.parquet"
-            tmp = part.with_name(f".{part.name}.{uuid.uuid4().hex}")
-            pq.write_table(table, tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, part)
+            with atomic_path(part) as tmp:  # a re-run batch replaces the same part whole
+                pq.write_table(table, tmp)
         return {"rows": np.array([int(ok.sum())])}
 
 
