@@ -144,7 +144,10 @@ class HealthWatch(threading.Thread):
 
 
 def _port_is_free(port: int) -> bool:
+    """Nothing listens there any more. SO_REUSEADDR as a restarted server binds: the closed
+    connections' TIME_WAIT entries on the port (the server closed them) do not count."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
